@@ -1,0 +1,34 @@
+"""The append-only timeline of a session: the record a disputed bill is explained from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import iso
+
+CREATED = "created"
+STARTED = "started"
+JOINED = "joined"
+LEFT = "left"
+DROPPED = "dropped"
+REPLACED = "replaced"
+ENDED = "ended"
+CANCELLED = "cancelled"
+BILLING_STARTED = "billing_started"
+BILLING_STOPPED = "billing_stopped"
+BILLING_LIMIT_NEAR = "billing_limit_near"
+BILLING_GAP = "billing_gap"  # the server was down: time not billed
+BILLING_FINALIZED = "billing_finalized"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimelineEntry:
+    session_id: str
+    at: int  # epoch ms
+    kind: str
+    actor: str  # a user id, or "server"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"at": iso(self.at), "kind": self.kind, "actor": self.actor, "detail": self.detail}

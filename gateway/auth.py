@@ -1,0 +1,66 @@
+"""Tokens (PRODUCT.md section 2): HS256 JWTs with `sub`, `exp` and an optional `role`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+import jwt
+
+from actors.connection import Identity
+from domain.errors import Unauthorized
+
+log = logging.getLogger("parley.auth")
+
+ALGORITHM = "HS256"
+SECRET_FILE = "secret"
+MAX_USER_CHARS = 128
+
+
+def load_or_create_secret(data_dir: Path, configured: str | None) -> str:
+    """The configured secret, else the one kept in `data_dir`, else a new one kept there."""
+    if configured:
+        return configured
+    path = Path(data_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    log.warning("no PARLEY_SECRET configured: generated one and kept it in %s", path)
+    return secret
+
+
+def mint_token(secret: str, user: str, *, admin: bool = False, ttl: int = 3600) -> str:
+    now = int(time.time())
+    claims = {"sub": user, "iat": now, "exp": now + ttl, "role": "admin" if admin else "user"}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+class TokenVerifier:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def __call__(self, token: str) -> Identity:
+        """The token's identity, or Unauthorized saying why not."""
+        if not token:
+            raise Unauthorized("missing token")
+        try:
+            claims = jwt.decode(
+                token, self._secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthorized(f"invalid token: {exc}") from None
+        user, role = claims.get("sub"), claims.get("role", "user")
+        if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS:
+            raise Unauthorized("invalid token: `sub` must be a non-empty string")
+        if role not in ("user", "admin"):
+            raise Unauthorized("invalid token: `role` must be user or admin")
+        return Identity(user=user, is_admin=role == "admin")

@@ -1,0 +1,97 @@
+"""The process: builds the actor tree in order and takes it down in reverse.
+
+Start: storage (migrations, reconcile after a restart) → supervisor (restarts
+the active sessions) → listener. Stop, on `shutdown.set()`:
+  1. stop accepting;
+  2. tell every WebSocket the server is going away (close 1001): each
+     connection leaves its sessions, which stops billing at that instant;
+  3. let every session handle those leaves and checkpoint billing;
+  4. close storage's channel: it commits what is queued and closes SQLite last.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from actors.connection import ConnectionContext
+from actors.supervise import Supervisor, SupervisorHandle
+from domain.clock import WallClock
+from domain.settings import Settings
+from storage import messages as sm
+from storage.actor import StorageActor, StorageHandle
+from storage.sqlite_backend import SqliteBackend
+
+from .app import create_app
+from .auth import TokenVerifier, load_or_create_secret, mint_token
+from .listener import Listener, bound_port
+
+log = logging.getLogger("parley.server")
+
+SESSION_FLUSH_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Running:
+    """What `serve` hands back once it listens."""
+
+    port: int
+    storage: StorageHandle
+    supervisor: SupervisorHandle
+    context: ConnectionContext
+    secret: str
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown: trio.Event,
+    backend: SqliteBackend | None = None,
+    clock: WallClock | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run Parley until `shutdown` is set, then stop in order and return."""
+    clock = clock or WallClock()
+    secret = load_or_create_secret(settings.data_dir, settings.secret)
+    backend = backend or SqliteBackend(settings.database_path, synchronous=settings.sqlite_synchronous)
+    storage_actor = StorageActor(backend, max_batch=settings.storage_batch)
+    async with trio.open_nursery() as storage_nursery:
+        storage: StorageHandle = await storage_nursery.start(storage_actor.run)
+        active = await storage.write(sm.ReconcileAfterRestart(now=clock.now_ms()))
+        if active:
+            log.info("resuming %d active sessions", len(active))
+        supervisor = Supervisor(storage=storage, settings=settings, clock=clock)
+        async with trio.open_nursery() as session_nursery:
+            supervisor_handle = await session_nursery.start(functools.partial(supervisor.run, resume=active))
+            context = ConnectionContext(
+                settings=settings, storage=storage, supervisor=supervisor_handle, clock=clock,
+                authenticate=TokenVerifier(secret), shutting_down=trio.Event(),
+            )
+            app = create_app(context, mint=functools.partial(mint_token, secret))
+            listener = Listener(app=app, context=context)
+            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+            port = bound_port(listeners)
+            async with trio.open_nursery() as edge_nursery:
+                accepting = await edge_nursery.start(
+                    functools.partial(listener.serve, listeners, handler_nursery=edge_nursery)
+                )
+                log.info("listening on http://%s:%d", settings.host, port)
+                task_status.started(Running(
+                    port=port, storage=storage, supervisor=supervisor_handle, context=context, secret=secret,
+                ))
+                await shutdown.wait()
+                log.info("shutting down: closing connections")
+                accepting.cancel()
+                for sock_listener in listeners:
+                    await sock_listener.aclose()
+                context.shutting_down.set()
+                edge_nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
+            log.info("checkpointing sessions")
+            await supervisor.flush_sessions(SESSION_FLUSH_TIMEOUT)
+            session_nursery.cancel_scope.cancel()
+        log.info("flushing storage")
+        await storage.aclose()
+    log.info("stopped")

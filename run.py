@@ -1,0 +1,137 @@
+"""Parley's command line.
+
+    python run.py [serve] [--host H] [--port P] [--data-dir D] [--dev] ...
+    python run.py token USER [--admin] [--ttl SECONDS] [--data-dir D]
+
+Every `serve` flag has a PARLEY_* environment variable (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from domain.settings import Settings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PARLEY_{name}", default)
+
+
+def _env_bool(name: str) -> bool:
+    return (_env(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _urls(value: str | None) -> tuple[str, ...]:
+    return tuple(u.strip() for u in (value or "").split(",") if u.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="run.py", description="Parley: signaling, chat and billing for paid calls.")
+    sub = parser.add_subparsers(dest="command")
+
+    def add_data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", default=_env("DATA_DIR", str(defaults.data_dir)),
+                       help="database and generated secret (PARLEY_DATA_DIR; default ./data)")
+
+    serve = sub.add_parser("serve", help="run the server (the default)")
+    for p in (parser, serve):
+        p.add_argument("--host", default=_env("HOST", defaults.host), help="PARLEY_HOST (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=int(_env("PORT", str(defaults.port))),
+                       help="PARLEY_PORT; 0 picks a free port (default 8080)")
+        add_data_dir(p)
+        p.add_argument("--dev", action="store_true", default=_env_bool("DEV"),
+                       help="development mode: the demo page may mint tokens (PARLEY_DEV=1)")
+        p.add_argument("--heartbeat", type=float, default=float(_env("HEARTBEAT", str(defaults.heartbeat))),
+                       help="seconds between WebSocket pings (PARLEY_HEARTBEAT)")
+        p.add_argument("--orphan-timeout", type=float,
+                       default=float(_env("ORPHAN_TIMEOUT", str(defaults.orphan_timeout))),
+                       help="end an active session nobody joined for this long (PARLEY_ORPHAN_TIMEOUT)")
+        p.add_argument("--billing-tick", type=float,
+                       default=float(_env("BILLING_TICK", str(defaults.billing_tick))),
+                       help="seconds between billing events and checkpoints (PARLEY_BILLING_TICK)")
+        p.add_argument("--storage-batch", type=int,
+                       default=int(_env("STORAGE_BATCH", str(defaults.storage_batch))),
+                       help="most writes per transaction (PARLEY_STORAGE_BATCH)")
+        p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+
+    token = sub.add_parser("token", help="print a token signed with the server's secret")
+    token.add_argument("user")
+    token.add_argument("--admin", action="store_true")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    add_data_dir(token)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir),
+        secret=_env("SECRET") or None,
+        dev=args.dev,
+        heartbeat=args.heartbeat,
+        orphan_timeout=args.orphan_timeout,
+        billing_tick=args.billing_tick,
+        storage_batch=args.storage_batch,
+        turn_secret=_env("TURN_SECRET") or None,
+        turn_urls=_urls(_env("TURN_URLS")),
+        stun_urls=_urls(_env("STUN_URLS")),
+        redis_url=_env("REDIS_URL") or None,
+        database_url=_env("DATABASE_URL") or None,
+        log_level=args.log_level,
+    )
+
+
+async def _serve(settings: Settings) -> None:
+    from gateway.server import serve
+
+    shutdown = trio.Event()
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logging.getLogger("parley").info("received %s", signal.Signals(signum).name)
+                shutdown.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signals)
+        await serve(settings, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "token":
+        from gateway.auth import load_or_create_secret, mint_token
+
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+        secret = load_or_create_secret(Path(args.data_dir), _env("SECRET") or None)
+        print(mint_token(secret, args.user, admin=args.admin, ttl=args.ttl))
+        return 0
+    settings = settings_from(args)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    if settings.redis_url or settings.database_url:
+        logging.getLogger("parley").error(
+            "PARLEY_REDIS_URL / PARLEY_DATABASE_URL: cluster mode is not implemented yet; "
+            "unset them to run as a single process on SQLite"
+        )
+        return 2
+    trio.run(_serve, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The storage actor: the one owner of the database.
+
+Writes queue on a bounded channel (`WRITE_QUEUE`; a full queue makes writers
+wait, under their own deadline: billing and chat are never dropped). One writer
+task takes everything queued — up to `max_batch` requests — runs it as one
+transaction in a worker thread, commits once, and only then answers every
+requester: group commit. Each request runs inside its own savepoint, so one
+refused request (a conflict, a duplicate) does not undo its neighbours.
+
+Reads run on a second connection in their own thread, so WAL lets them go on
+while a long batch is being written.
+
+When SQLite fails (locked, read-only, disk full, I/O error) the whole batch is
+rolled back and each of its requesters gets `StorageUnavailable`; the writer
+connection is reopened for the next batch, so the server recovers by itself
+once the database is writable again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import outcome
+import trio
+
+from domain.errors import Internal, ParleyError, StorageUnavailable
+
+from . import messages as m
+
+log = logging.getLogger("parley.storage")
+
+WRITE_QUEUE = 4096
+DEFAULT_TIMEOUT = 30.0
+
+
+class Backend(Protocol):
+    def connect(self, *, writer: bool) -> Any: ...
+    def begin(self, conn: Any) -> None: ...
+    def commit(self, conn: Any) -> None: ...
+    def rollback(self, conn: Any) -> None: ...
+    def write(self, conn: Any, request: m.WriteRequest) -> Any: ...
+    def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    request: m.WriteRequest
+    reply: trio.MemorySendChannel[outcome.Outcome]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageStatistics:
+    batches: int
+    writes: int
+    largest_batch: int
+    failed_batches: int
+    healthy: bool
+    queued: int
+
+
+class StorageHandle:
+    """What other actors hold: `write`, `read` and readiness. Safe to share between tasks."""
+
+    def __init__(self, actor: StorageActor, requests: trio.MemorySendChannel[_Envelope]) -> None:
+        self._actor = actor
+        self._requests = requests
+
+    async def write(self, request: m.WriteRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome](1)
+        with trio.fail_after(timeout):
+            try:
+                await self._requests.send(_Envelope(request, reply_send))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise StorageUnavailable("storage is shutting down") from None
+            result = await reply_receive.receive()
+        return result.unwrap()
+
+    async def read(self, request: m.ReadRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        with trio.fail_after(timeout):
+            return await self._actor.read(request)
+
+    @property
+    def healthy(self) -> bool:
+        return self._actor.healthy
+
+    async def check_ready(self, now_ms: int) -> bool:
+        """True when a read works and writes commit (probing with a write when unhealthy)."""
+        try:
+            if not self._actor.healthy:
+                await self.write(m.ProbeWrite(at=now_ms), timeout=5)
+            await self.read(m.ProbeRead(), timeout=5)
+        except (ParleyError, trio.TooSlowError):
+            return False
+        return self._actor.healthy
+
+    def statistics(self) -> StorageStatistics:
+        return self._actor.statistics()
+
+    async def aclose(self) -> None:
+        """Stop taking writes; the actor commits what is queued, then closes the database."""
+        await self._requests.aclose()
+
+
+class StorageActor:
+    def __init__(self, backend: Backend, *, max_batch: int = 256) -> None:
+        self.backend = backend
+        self.max_batch = max_batch
+        self.healthy = True
+        self._writer: Any = None
+        self._reader: Any = None
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._batches = 0
+        self._writes = 0
+        self._largest_batch = 0
+        self._failed_batches = 0
+        self._receive: trio.MemoryReceiveChannel[_Envelope] | None = None
+
+    def statistics(self) -> StorageStatistics:
+        queued = self._receive.statistics().current_buffer_used if self._receive else 0
+        return StorageStatistics(
+            batches=self._batches,
+            writes=self._writes,
+            largest_batch=self._largest_batch,
+            failed_batches=self._failed_batches,
+            healthy=self.healthy,
+            queued=queued,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[StorageHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        send, receive = trio.open_memory_channel[_Envelope](WRITE_QUEUE)
+        self._receive = receive
+        self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
+        self._reader = await trio.to_thread.run_sync(
+            lambda: self.backend.connect(writer=False), limiter=self._read_limiter
+        )
+        task_status.started(StorageHandle(self, send))
+        try:
+            async with receive:
+                await self._write_loop(receive)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._in_writer_thread(self._close_connections)
+
+    async def _in_writer_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(
+            lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
+        )
+
+    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Envelope]) -> None:
+        async for first in receive:
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            results = await self._in_writer_thread(self._apply_batch, [e.request for e in batch])
+            for envelope, result in zip(batch, results):
+                try:
+                    envelope.reply.send_nowait(result)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the requester gave up (its deadline); the write still happened
+
+    def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+        """Runs in the writer thread: one transaction, a savepoint per request."""
+        backend = self.backend
+        try:
+            if self._writer is None:
+                self._writer = backend.connect(writer=True)
+            conn = self._writer
+            backend.begin(conn)
+            results: list[outcome.Outcome] = []
+            for request in requests:
+                conn.execute("SAVEPOINT request")
+                try:
+                    results.append(outcome.Value(backend.write(conn, request)))
+                except (ParleyError, sqlite3.IntegrityError) as exc:
+                    conn.execute("ROLLBACK TO request")
+                    if isinstance(exc, sqlite3.IntegrityError):
+                        log.error("integrity error on %r: %s", request, exc)
+                        exc = Internal("the write was refused by the database")
+                    results.append(outcome.Error(exc))
+                conn.execute("RELEASE request")
+            backend.commit(conn)
+        except sqlite3.Error as exc:
+            self._failed_batches += 1
+            if self.healthy:
+                log.error("storage failed, %d writes refused: %s", len(requests), exc)
+            self.healthy = False
+            self._discard_writer()
+            error = StorageUnavailable(f"storage unavailable: {exc}")
+            return [outcome.Error(error) for _ in requests]
+        if not self.healthy:
+            log.warning("storage recovered")
+        self.healthy = True
+        self._batches += 1
+        self._writes += len(requests)
+        self._largest_batch = max(self._largest_batch, len(requests))
+        return results
+
+    def _discard_writer(self) -> None:
+        conn, self._writer = self._writer, None
+        if conn is None:
+            return
+        try:
+            self.backend.rollback(conn)
+        except Exception:  # the connection is going away; its own error was already reported
+            pass
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    def _close_connections(self) -> None:
+        self._discard_writer()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    async def read(self, request: m.ReadRequest) -> Any:
+        def run() -> Any:
+            if self._reader is None:
+                raise StorageUnavailable("storage is closed")
+            try:
+                return self.backend.read(self._reader, request)
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(f"storage unavailable: {exc}") from exc
+
+        return await trio.to_thread.run_sync(run, limiter=self._read_limiter)
