@@ -488,9 +488,10 @@ class CallSession:
             events.event("presence", session=self.session_id, user=conn.user, state="joined"),
             exclude=conn.user,
         )
+        was_billing = self.ledger is not None and self.ledger.is_open
         await self._update_billing(now_ms)
-        if self.ledger is not None and self.ledger.is_open and conn.user in (session.payer, session.provider):
-            conn.send_nowait(self._billing_frame(now_ms))
+        if was_billing and conn.user in (session.payer, session.provider):
+            conn.send_nowait(self._billing_frame(now_ms))  # the meter where it stands
 
     def _join_fields(self) -> dict[str, Any]:
         assert self.session is not None
@@ -765,6 +766,7 @@ class CallSession:
                     session_id=self.session_id, at=at_ms, kind=timeline.BILLING_STARTED, actor="server",
                 ))
                 self.next_tick_ms = at_ms + int(self.settings.billing_tick * 1000)
+                self._push_billing(at_ms)
             elif not self._both_present() and ledger.is_open:
                 ledger.close(at_ms)
                 metrics.BILLING_ACTIVE.dec()

@@ -27,7 +27,8 @@ class WallClock:
         return self.to_wall_ms(trio.current_time())
 
     def to_wall_ms(self, trio_time: float) -> int:
-        return self._epoch_ms_at_base + int((trio_time - self._trio_base) * 1000)
+        # round, not truncate: float error must not make a due instant look 1 ms early
+        return self._epoch_ms_at_base + round((trio_time - self._trio_base) * 1000)
 
 
 def iso(ms: int | None) -> str | None:

@@ -105,9 +105,12 @@ class StorageHandle:
 
 
 class StorageActor:
-    def __init__(self, backend: Backend, *, max_batch: int = 256) -> None:
+    def __init__(self, backend: Backend, *, max_batch: int = 256, inline: bool = False) -> None:
+        """`inline=True` runs SQLite in the Trio thread on one connection: for tests under a
+        fake clock (a worker thread would let the clock jump while a write is under way)."""
         self.backend = backend
         self.max_batch = max_batch
+        self.inline = inline
         self.healthy = True
         self._writer: Any = None
         self._reader: Any = None
@@ -134,9 +137,12 @@ class StorageActor:
         send, receive = trio.open_memory_channel[_Envelope](WRITE_QUEUE)
         self._receive = receive
         self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
-        self._reader = await trio.to_thread.run_sync(
-            lambda: self.backend.connect(writer=False), limiter=self._read_limiter
-        )
+        if self.inline:
+            self._reader = self._writer
+        else:
+            self._reader = await trio.to_thread.run_sync(
+                lambda: self.backend.connect(writer=False), limiter=self._read_limiter
+            )
         task_status.started(StorageHandle(self, send))
         try:
             async with receive:
@@ -146,6 +152,9 @@ class StorageActor:
                 await self._in_writer_thread(self._close_connections)
 
     async def _in_writer_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.inline:
+            await trio.lowlevel.checkpoint()
+            return fn(*args, **kwargs)
         return await trio.to_thread.run_sync(
             lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
         )
@@ -216,6 +225,8 @@ class StorageActor:
             pass
 
     def _close_connections(self) -> None:
+        if self._reader is self._writer:
+            self._reader = None
         self._discard_writer()
         if self._reader is not None:
             self._reader.close()
@@ -230,4 +241,7 @@ class StorageActor:
             except sqlite3.Error as exc:
                 raise StorageUnavailable(f"storage unavailable: {exc}") from exc
 
+        if self.inline:
+            await trio.lowlevel.checkpoint()
+            return run()
         return await trio.to_thread.run_sync(run, limiter=self._read_limiter)
