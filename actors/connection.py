@@ -135,6 +135,13 @@ class _Finished(Exception):
         self.dropped = dropped
 
 
+def _first_leaf(group: BaseExceptionGroup) -> Any:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 async def serve(ws: WebSocketConnection, ctx: ConnectionContext, *, query_token: str | None) -> None:
     """Run one connection from hello to close. Never raises for anything the client did."""
     metrics.CONNECTIONS.inc()
@@ -223,7 +230,7 @@ class Connection:
                 await self._reader()
                 nursery.cancel_scope.cancel()
         except* _Finished as group:
-            finished = group.exceptions[0]  # type: ignore[assignment]
+            finished = _first_leaf(group)
         except* Exception:
             log.exception("connection %s of %s crashed", self.handle.id, self.caller.user)
             finished = _Finished(CLOSE_INTERNAL, "internal error")

@@ -1,0 +1,164 @@
+"""Billing through the real server: REST figures, a silent drop, a SIGKILL and restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from gateway.auth import mint_token
+from parley_client import connect
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_billing_route_live_then_final_and_who_may_read_it(make_server):
+    server = await make_server(billing_tick=0.2)
+    session = await server.create_session(rate_per_minute=600)  # 10 minor units per second
+    sid = session["id"]
+    forbidden = await server.http.get(f"/api/sessions/{sid}/billing", headers=server.auth("mallory"))
+    assert forbidden.status_code == 403
+    assert (await server.http.get(f"/api/sessions/{sid}/billing")).status_code == 401
+    await server.start_session(sid)
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.request("join", session=sid)
+        await bob.request("join", session=sid)
+        first = await alice.next_event("billing")
+        assert first["billable_ms"] == 0 and first["final"] is False
+        later = await alice.next_event("billing")
+        assert later["billable_ms"] > 0 and later["currency"] == "USD"
+        live = (await server.http.get(f"/api/sessions/{sid}/billing", headers=server.auth("bob"))).json()
+        assert live["final"] is False and live["rate_per_minute"] == 600
+        assert live["billable_ms"] >= later["billable_ms"]
+        ended = await server.http.post(f"/api/sessions/{sid}/end", headers=server.auth("alice"))
+        assert ended.status_code == 200 and ended.json()["state"] == "ended"
+        while not (final_event := await bob.next_event("billing"))["final"]:
+            pass
+    bill = (await server.http.get(f"/api/sessions/{sid}/billing", headers=server.auth("admin", admin=True))).json()
+    assert bill["final"] is True
+    assert bill["amount_minor"] == -(-bill["billable_ms"] * 600 // 60000)
+    assert sum(s["ms"] for s in bill["segments"]) == bill["billable_ms"]
+    again = await server.http.post(f"/api/sessions/{sid}/end", headers=server.auth("alice"))
+    assert again.status_code == 409 and again.json()["error"]["state"] == "ended"
+    assert (await server.http.get(f"/api/sessions/{sid}/billing", headers=server.auth("alice"))).json() == bill
+    timeline = (await server.http.get(f"/api/sessions/{sid}/timeline", headers=server.auth("alice"))).json()
+    kinds = [e["kind"] for e in timeline["items"]]
+    assert kinds[0] == "created" and "started" in kinds and kinds[-1] == "billing_finalized"
+    assert kinds.count("joined") == 2 and "billing_started" in kinds
+    assert (final_event["billable_ms"], final_event["amount_minor"]) == (bill["billable_ms"], bill["amount_minor"])
+
+
+async def test_a_silent_drop_is_not_billed_past_its_last_pong(make_server, monkeypatch):
+    """Bob's client stops answering pings: he is billed until his last sign of life, not
+    until the heartbeat gives up on him two intervals later."""
+    frozen: set[object] = set()
+    original = trio_websocket.WebSocketConnection._handle_ping_event
+
+    async def maybe_ignore(self, event):
+        if self not in frozen:
+            await original(self, event)
+
+    monkeypatch.setattr(trio_websocket.WebSocketConnection, "_handle_ping_event", maybe_ignore)
+    heartbeat = 1.0
+    server = await make_server(billing_tick=0.25, heartbeat=heartbeat)
+    session = await server.create_session(rate_per_minute=60_000)  # 1 per ms: amount == ms
+    sid = session["id"]
+    await server.start_session(sid)
+    async with server.client("alice") as alice, server.client("bob") as bob:
+        await alice.request("join", session=sid)
+        await bob.request("join", session=sid)
+        both_since = trio.current_time()
+        assert (await alice.next_event("presence"))["state"] == "joined"
+        await trio.sleep(1.0)
+        await bob.request("ping")
+        frozen.add(bob.ws)
+        frozen_at = trio.current_time()
+        left = await alice.next_event("presence", timeout=4 * heartbeat + 2)
+        noticed_at = trio.current_time()
+        assert (left["user"], left["state"]) == ("bob", "left")
+        assert noticed_at - frozen_at >= heartbeat  # the ghost window was real
+    bill = (await server.http.get(f"/api/sessions/{sid}/billing", headers=server.auth("alice"))).json()
+    alive_ms = (frozen_at - both_since) * 1000
+    ghost_ms = (noticed_at - frozen_at) * 1000
+    # billed until the last pong, which came at most one heartbeat after the freeze
+    assert bill["billable_ms"] <= alive_ms + heartbeat * 1000 + 250
+    assert bill["billable_ms"] < alive_ms + ghost_ms - 250
+    assert bill["billable_ms"] >= alive_ms - 250
+    timeline = (await server.http.get(f"/api/sessions/{sid}/timeline", headers=server.auth("alice"))).json()
+    drops = [e for e in timeline["items"] if e["kind"] == "dropped"]
+    assert len(drops) == 1 and drops[0]["actor"] == "bob" and drops[0]["detail"]["last_alive"]
+
+
+def _start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "serve", "--port", "0", "--data-dir", str(data_dir),
+         "--billing-tick", "0.25", "--heartbeat", "5"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    assert process.stderr is not None
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        match = re.search(r"listening on http://[\d.]+:(\d+)", line)
+        if match:
+            return process, int(match.group(1))
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+async def test_sigkill_mid_call_never_overbills_and_loses_at_most_a_tick(tmp_path):
+    secret = "sigkill-test-secret-long-enough-for-hs256!"
+    env = {**os.environ, "PARLEY_SECRET": secret}
+    admin = {"Authorization": f"Bearer {mint_token(secret, 'admin', admin=True)}"}
+    process, port = await trio.to_thread.run_sync(_start_server, tmp_path, env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            created = await http.post("/api/sessions", headers=admin, json={
+                "payer": "alice", "provider": "bob", "rate_per_minute": 60_000, "currency": "USD"})
+            sid = created.json()["id"]
+            assert (await http.post(f"/api/sessions/{sid}/start", headers=admin)).status_code == 200
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with connect(url, mint_token(secret, "alice")) as alice, connect(url, mint_token(secret, "bob")) as bob:
+            await alice.request("join", session=sid)
+            await bob.request("join", session=sid)
+            both_since = trio.current_time()
+            await trio.sleep(1.6)
+            process.send_signal(signal.SIGKILL)
+            killed_at = trio.current_time()
+            await trio.to_thread.run_sync(process.wait)
+            await alice.wait_closed()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    really_both_ms = (killed_at - both_since) * 1000
+    process, port = await trio.to_thread.run_sync(_start_server, tmp_path, env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            bill = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
+            assert bill["billable_ms"] <= really_both_ms  # never over-counted
+            assert bill["billable_ms"] >= really_both_ms - 250 - 150  # one tick (+ scheduling slack)
+            ended = await http.post(f"/api/sessions/{sid}/end", headers=admin)
+            assert ended.status_code == 200
+            final = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
+            assert final["final"] is True and final["billable_ms"] == bill["billable_ms"]
+            timeline = (await http.get(f"/api/sessions/{sid}/timeline", headers=admin)).json()
+            assert "billing_gap" in [e["kind"] for e in timeline["items"]]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: process.wait(timeout=15)) == 0
+
+
+@pytest.mark.parametrize("user, status", [("alice", 403), ("admin", 201)])
+async def test_only_admins_create_sessions(server, user, status):
+    response = await server.http.post("/api/sessions", headers=server.auth(user, admin=user == "admin"), json={
+        "payer": "alice", "provider": "bob", "rate_per_minute": 100, "currency": "USD"})
+    assert response.status_code == status
