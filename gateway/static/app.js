@@ -450,6 +450,7 @@ $("leave-session").addEventListener("click", async () => {
 function onBilling(frame) {
   if (frame.session !== S.sessionId) return;
   renderBilling(frame);
+  if (frame.final) renderSession(); // the ended banner names the final amount
 }
 
 function renderBilling(bill) {
@@ -761,7 +762,8 @@ function onCallEnded(call, { reason, by }) {
   $("stage").classList.remove("has-video");
   $("stage-caption").textContent = "No call";
   const who = by === S.user ? "You" : by;
-  const text = reason === "remote hangup" ? `${call.peer} hung up` : `${who} ended the call (${reason})`;
+  const text = reason === "remote hangup" ? `${call.peer} hung up`
+    : reason === "hangup" ? "you hung up" : `${who} ended the call (${reason})`;
   setCallState("ended", `Call ended: ${text}`);
   $("call-status").dataset.reason = reason;
 }
