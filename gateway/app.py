@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Response, g, request
@@ -45,6 +46,7 @@ from domain.errors import (
     Forbidden,
     NotFound,
     ParleyError,
+    StorageUnavailable,
     Unauthorized,
     Unprocessable,
 )
@@ -103,6 +105,10 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     @app.errorhandler(ParleyError)
     async def _parley_error(error: ParleyError) -> Response:
         return _error(error)
+
+    @app.errorhandler(trio.TooSlowError)
+    async def _too_slow(timeout: trio.TooSlowError) -> Response:
+        return _error(StorageUnavailable("the server is overloaded; try again"))
 
     @app.errorhandler(RequestSchemaValidationError)
     async def _invalid(error: RequestSchemaValidationError) -> Response:
