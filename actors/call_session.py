@@ -64,6 +64,7 @@ log = logging.getLogger("parley.session")
 MAILBOX_SIZE = 256
 BACKLOG_PAGE = MAX_HISTORY_LIMIT
 BACKLOG_SEND_TIMEOUT = 30.0  # a catching-up client that reads nothing for this long is slow
+STORAGE_RETRY = 1.0  # seconds before a failed billing or orphan write is tried again
 TYPING_THROTTLE = 1.0  # at most one forwarded typing:true per user per second
 
 
@@ -392,7 +393,11 @@ class CallSession:
             and now >= self.orphan_since + self.settings.orphan_timeout
         ):
             log.info("session %s: nobody connected for %ss, ending", self.session_id, self.settings.orphan_timeout)
-            await self._end(actor="server", reason=END_ORPHANED, at_ms=self.clock.now_ms())
+            try:
+                await self._end(actor="server", reason=END_ORPHANED, at_ms=self.clock.now_ms())
+            except (StorageUnavailable, trio.TooSlowError) as exc:
+                log.error("session %s: ending the orphan failed, retrying: %s", self.session_id, exc)
+                self.orphan_since = now - self.settings.orphan_timeout + STORAGE_RETRY
 
     async def _dispatch(self, message: SessionMessage) -> None:
         reply = getattr(message, "reply", None)
@@ -711,7 +716,8 @@ class CallSession:
             raise Conflict(f"cannot end a session that is {session.state}", state=session.state)
         ledger = self.ledger or Ledger(rate_per_minute=session.rate_per_minute)
         was_open = ledger.is_open
-        ledger.close(at_ms)
+        # the open segment is cut at `at_ms` in the snapshot; the ledger itself changes only
+        # once the end is stored, so a failed write leaves the call billing as before
         final = self._billing_state(at_ms, final=True)
         entries = [timeline.TimelineEntry(
             session_id=self.session_id, at=at_ms, kind=timeline.ENDED, actor=actor, detail={"reason": reason},
@@ -730,6 +736,8 @@ class CallSession:
             final_billing=final, timeline=tuple(entries),
         ))
         # persisted: from here on the session is ended, whatever happens next
+        ledger.close(at_ms)
+        self.ledger = ledger
         if was_open:
             metrics.BILLING_ACTIVE.dec()
         self.session = changed
@@ -818,7 +826,7 @@ class CallSession:
         assert session is not None
         self._broadcast(self._billing_frame(now_ms, **extra), users=(session.payer, session.provider))
 
-    def _reschedule_billing(self) -> None:
+    def _reschedule_billing(self, *, not_before: float = -math.inf) -> None:
         ledger, timer = self.ledger, self._timer
         assert timer is not None
         if ledger is None or not ledger.is_open or self.billing_final:
@@ -826,9 +834,19 @@ class CallSession:
             return
         due = [t for t in (self.next_tick_ms, ledger.warning_at(), ledger.limit_at()) if t is not None]
         wall_due = min(due)
-        timer.reschedule(trio.current_time() + max(0, wall_due - self.clock.now_ms()) / 1000)
+        timer.reschedule(max(not_before, trio.current_time() + max(0, wall_due - self.clock.now_ms()) / 1000))
 
     async def _billing_due(self) -> None:
+        try:
+            await self._billing_due_now()
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            # the ledger in memory is right; try the write again soon, not in a busy loop
+            log.error("session %s: billing checkpoint failed, retrying: %s", self.session_id, exc)
+            self._reschedule_billing(not_before=trio.current_time() + STORAGE_RETRY)
+            return
+        self._reschedule_billing()
+
+    async def _billing_due_now(self) -> None:
         ledger = self.ledger
         if ledger is None or not ledger.is_open or self.billing_final:
             return
@@ -851,7 +869,6 @@ class CallSession:
                 self.next_tick_ms += tick_ms
             self._push_billing(now_ms)
             await self.storage.write(sm.CheckpointBilling(billing=self._billing_state(now_ms)))
-        self._reschedule_billing()
 
     def _live_billing(self, message: GetLiveBilling) -> None:
         caller = message.caller

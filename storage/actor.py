@@ -180,6 +180,8 @@ class StorageActor:
         try:
             if self._writer is None:
                 self._writer = backend.connect(writer=True)
+                if self.inline:
+                    self._reader = self._writer
             conn = self._writer
             backend.begin(conn)
             results: list[outcome.Outcome] = []
@@ -234,9 +236,11 @@ class StorageActor:
 
     async def read(self, request: m.ReadRequest) -> Any:
         def run() -> Any:
-            if self._reader is None:
-                raise StorageUnavailable("storage is closed")
             try:
+                if self.inline and self._writer is None:
+                    self._writer = self._reader = self.backend.connect(writer=True)
+                if self._reader is None:
+                    raise StorageUnavailable("storage is closed")
                 return self.backend.read(self._reader, request)
             except sqlite3.Error as exc:
                 raise StorageUnavailable(f"storage unavailable: {exc}") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,17 @@ from storage.sqlite_backend import SqliteBackend
 
 EPOCH_MS = 1_800_000_000_000
 _ids = itertools.count(1)
+
+
+class FlakyBackend(SqliteBackend):
+    """Real SQLite, with an I/O error injected at the backend boundary while `failing`."""
+
+    failing = False
+
+    def write(self, conn: Any, request: Any) -> Any:
+        if self.failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().write(conn, request)
 
 
 class Peer:
@@ -116,11 +128,13 @@ class World:
 
 
 @asynccontextmanager
-async def world(path: str = ":memory:", *, epoch_ms: int = EPOCH_MS, **overrides: Any) -> AsyncIterator[World]:
+async def world(
+    path: str = ":memory:", *, epoch_ms: int = EPOCH_MS, backend: SqliteBackend | None = None, **overrides: Any
+) -> AsyncIterator[World]:
     settings = replace(Settings(billing_tick=5.0, orphan_timeout=120.0), **overrides)
     clock = WallClock(epoch_ms=epoch_ms)
     async with trio.open_nursery() as nursery:
-        storage = await nursery.start(StorageActor(SqliteBackend(path, synchronous="OFF"), inline=True).run)
+        storage = await nursery.start(StorageActor(backend or SqliteBackend(path, synchronous="OFF"), inline=True).run)
         active = await storage.write(sm.ReconcileAfterRestart(now=clock.now_ms()))
         supervisor = Supervisor(storage=storage, settings=settings, clock=clock)
         handle = await nursery.start(functools.partial(supervisor.run, resume=active))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from domain.errors import Conflict
+from domain.errors import Conflict, StorageUnavailable
 from domain.timeline import BILLING_FINALIZED, BILLING_GAP, DROPPED
 
 from .harness import Peer, world
@@ -188,3 +188,30 @@ async def test_a_session_left_active_by_a_crash_is_orphaned_after_restart(autoju
     async with world(path, epoch_ms=w.clock.now_ms() + 1000, orphan_timeout=120.0) as w2:
         await trio.sleep(121)
         assert (await w2.session(sid)).end_reason == "orphaned"
+
+
+async def test_billing_survives_a_storage_outage(autojump_clock, tmp_path):
+    from .harness import FlakyBackend
+
+    backend = FlakyBackend(tmp_path / "parley.sqlite3", synchronous="OFF")
+    async with world(backend=backend, billing_tick=5.0) as w:
+        sid = await w.create_active(rate=60)
+        payer, provider = Peer("payer"), Peer("provider")
+        await w.join(payer, sid)
+        await w.join(provider, sid)
+        start = trio.current_time()
+        await trio.sleep_until(start + 6)
+        backend.failing = True
+        await trio.sleep_until(start + 16)
+        # the meter kept moving for the users; the database kept the last good checkpoint
+        assert [f["billable_ms"] for f in payer.frames("billing")][-1] == 15_000
+        assert (await w.stored_billing(sid)).billable_ms == 5_000
+        with pytest.raises(StorageUnavailable):
+            await w.transition(sid, "end", user="payer")
+        assert (await w.session(sid)).state == "active"  # nothing half-written
+        backend.failing = False
+        await trio.sleep_until(start + 21)
+        assert (await w.stored_billing(sid)).billable_ms == 20_000
+        await w.transition(sid, "end", user="payer")
+        final = await w.stored_billing(sid)
+        assert final.final and final.billable_ms == 21_000
