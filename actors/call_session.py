@@ -305,8 +305,9 @@ class CallSession:
             task_status.started()
             try:
                 await self._load()
-            except NotFound as exc:
-                await self._refuse_queued(exc)
+            except (NotFound, StorageUnavailable, trio.TooSlowError) as exc:
+                error = exc if isinstance(exc, ParleyError) else StorageUnavailable("storage did not answer")
+                await self._refuse_queued(error)
                 nursery.cancel_scope.cancel()
                 return
             metrics.SESSIONS.inc()
@@ -329,6 +330,17 @@ class CallSession:
                 segments=list(state.segments) if state else [],
             )
             self.orphan_since = trio.current_time()
+
+    def refuse_queued_nowait(self, error: ParleyError) -> None:
+        """After a crash: answer what is still queued, so no caller waits for nothing."""
+        while True:
+            try:
+                message = self.mailbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            reply = getattr(message, "reply", None)
+            if reply is not None:
+                reply.fail(error)
 
     async def _refuse_queued(self, error: ParleyError) -> None:
         """Answer everything queued with `error`, then close the mailbox (no await in between)."""

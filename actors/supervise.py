@@ -23,7 +23,7 @@ import trio
 
 from domain import events
 from domain.clock import WallClock
-from domain.errors import StorageUnavailable
+from domain.errors import Internal, StorageUnavailable
 from domain.session import ACTIVE
 from domain.settings import Settings
 from storage.actor import StorageHandle
@@ -207,6 +207,7 @@ class Supervisor:
             )
             for member in actor.members.values():
                 member.conn.send_nowait(frame)
+            actor.refuse_queued_nowait(Internal("the session failed; try again"))
         finally:
             actor.handle.retired = True
             actor.mailbox.close()  # senders now get SessionGone instead of waiting forever
