@@ -350,3 +350,50 @@ async def test_one_side_audio_only(chromium, server):
         return {"alice": alice_in, "bob": bob_in}
 
     await in_browser(chromium, drive)
+
+
+async def test_client_reconnects_rejoins_and_resumes_chat_without_duplicates(chromium, server):
+    session = await server.create_session("alice", "bob")
+    await server.start_session(session["id"])
+    base, sid = server.base_url, session["id"]
+    # Record what parley.js receives (raw frames) and what it passes on (events); hold back
+    # alice's receipts (delivered, and read, which implies it) so the server must re-send message 1 after the reconnect.
+    spy = """() => {
+        const c = window.parleyDemo.client;
+        window.raw = []; window.events = [];
+        const onFrame = c._onFrame.bind(c);
+        c._onFrame = (f) => { if (f.type === 'chat.message') window.raw.push(f.seq); onFrame(f); };
+        c.on('chat.message', (f) => window.events.push(f.seq));
+        c.options.receiptDelay = 1e9;
+        c.markRead = async () => null;  // a read mark raises delivered too
+    }"""
+
+    def drive(browser: Any) -> dict[str, Any]:
+        alice = open_user(browser, f"{base}/?user=alice&session={sid}")
+        bob = open_user(browser, f"{base}/?user=bob&session={sid}")
+        wait_online(alice, "bob")
+        alice.evaluate(spy)
+        by_id(bob, "chat-input").fill("one")
+        by_id(bob, "chat-send").click()
+        alice.locator('[data-testid="chat-list"] li[data-seq="1"]').wait_for()
+
+        alice.evaluate("() => window.parleyDemo.client._ws.close()")  # the network drops
+        alice.locator('[data-testid="connection-state"][data-state="reconnecting"]').wait_for()
+        alice.locator('[data-testid="connection-state"][data-state="open"]').wait_for()
+        wait_online(bob, "alice")  # re-joined by itself
+        by_id(bob, "chat-input").fill("two")
+        by_id(bob, "chat-send").click()
+        alice.locator('[data-testid="chat-list"] li[data-seq="2"]').wait_for()
+        alice.wait_for_function("() => window.raw.filter((s) => s === 2).length === 1")
+        result = {
+            "raw": alice.evaluate("() => window.raw"),
+            "events": alice.evaluate("() => window.events"),
+            "shown": alice.locator('[data-testid="chat-list"] li[data-seq]').count(),
+        }
+        close_all(alice, bob)
+        return result
+
+    result = await in_browser(chromium, drive)
+    assert result["raw"] == [1, 1, 2], result  # the server re-sent 1: it was never acknowledged
+    assert result["events"] == [1, 2], result  # parley.js dropped the repeat by seq
+    assert result["shown"] == 2
