@@ -63,6 +63,7 @@ CLOSE_POLICY = 4008
 LEAVE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
+PACED_SHARE = 2  # paced sends (the offline queue) fill at most 1/PACED_SHARE of the outbox
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,7 +87,7 @@ class ConnectionContext:
 class ConnectionHandle:
     """What session actors hold of a connection: who it is and a non-blocking send."""
 
-    __slots__ = ("id", "user", "is_admin", "_outbox", "_slow")
+    __slots__ = ("id", "user", "is_admin", "_outbox", "_slow", "_room")
 
     def __init__(self, *, id: str, user: str, is_admin: bool, outbox: trio.MemorySendChannel[str]) -> None:
         self.id = id
@@ -94,6 +95,7 @@ class ConnectionHandle:
         self.is_admin = is_admin
         self._outbox = outbox
         self._slow = trio.Event()
+        self._room = trio.Event()  # set by the writer whenever it takes a frame (or stops)
 
     def send_nowait(self, frame: str) -> None:
         """Queue a frame; a full outbox marks this connection a slow consumer."""
@@ -105,15 +107,33 @@ class ConnectionHandle:
             pass
 
     async def send(self, frame: str, *, timeout: float) -> bool:
-        """Queue a frame, waiting up to `timeout` for room (the offline queue's pace)."""
+        """Queue a frame, waiting up to `timeout` for room (the offline queue's pace).
+
+        It leaves most of the outbox free: while a backlog is paced through, live frames
+        (typing, presence, billing, receipts) still go in with `send_nowait` without
+        finding the outbox full and closing the connection as a slow consumer.
+        """
         with trio.move_on_after(timeout):
-            try:
-                await self._outbox.send(frame)
-                return True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
+            while True:
+                stats = self._outbox.statistics()
+                if stats.open_receive_channels == 0:
+                    return False
+                if stats.current_buffer_used < max(1, stats.max_buffer_size // PACED_SHARE):
+                    try:
+                        self._outbox.send_nowait(frame)
+                        return True
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return False
+                    except trio.WouldBlock:
+                        pass
+                self._room = trio.Event()
+                await self._room.wait()
         self.close_slow_consumer()
         return False
+
+    def frame_taken(self) -> None:
+        """The writer took a frame from the outbox (or stopped): wake a paced `send`."""
+        self._room.set()
 
     def close_slow_consumer(self) -> None:
         self._slow.set()
@@ -237,6 +257,7 @@ class Connection:
         finally:
             await self._leave_all(finished)
             self._outbox.close()
+            self.handle.frame_taken()
             if finished.code != CLOSE_NORMAL or not self.ws.closed:
                 if finished.code == CLOSE_SLOW_CONSUMER:
                     metrics.SLOW_CONSUMERS.inc()
@@ -260,6 +281,7 @@ class Connection:
 
     async def _writer(self) -> None:
         async for frame in self._outbox:
+            self.handle.frame_taken()
             try:
                 await self.ws.send_message(frame)
             except ConnectionClosed:
