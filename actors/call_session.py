@@ -506,7 +506,7 @@ class CallSession:
             exclude=conn.user,
         )
         was_billing = self.ledger is not None and self.ledger.is_open
-        await self._update_billing(now_ms)
+        await self._record_presence(now_ms)
         if was_billing and conn.user in (session.payer, session.provider):
             conn.send_nowait(self._billing_frame(now_ms))  # the meter where it stands
 
@@ -538,9 +538,17 @@ class CallSession:
             detail["last_alive"] = iso(message.last_alive_ms)
         if message.reply is not None:
             message.reply.ok(session=self.session_id)
-        await self._update_billing(at_ms, extra=(timeline.TimelineEntry(
+        await self._record_presence(at_ms, extra=(timeline.TimelineEntry(
             session_id=self.session_id, at=now_ms, kind=kind, actor=message.user, detail=detail,
         ),))
+
+    async def _record_presence(self, at_ms: int, **kwargs: Any) -> None:
+        """Timeline and billing checkpoint of a join or leave that was already answered `ok`:
+        a storage failure here is logged, not answered a second time with the same ref."""
+        try:
+            await self._update_billing(at_ms, **kwargs)
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            log.error("session %s: presence change not recorded: %s", self.session_id, exc)
 
     def _broadcast(self, frame: str, *, exclude: str | None = None, users: tuple[str, ...] | None = None) -> None:
         for user, member in self.members.items():
