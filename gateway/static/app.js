@@ -447,11 +447,31 @@ $("leave-session").addEventListener("click", async () => {
 
 // ------------------------------------------------------------------ billing
 
+const METER_AHEAD_MAX_MS = 15000; // never run the displayed meter further than this past the server's word
+
 function onBilling(frame) {
   if (frame.session !== S.sessionId) return;
+  S.billingAt = performance.now();
   renderBilling(frame);
   if (frame.final) renderSession(); // the ended banner names the final amount
 }
+
+function meterRunning() {
+  const s = S.session;
+  return Boolean(s && S.billing && !S.billing.final && s.state === "active"
+    && S.online.has(s.payer) && S.online.has(s.provider) && S.billingAt);
+}
+
+// Between the server's billing ticks the displayed meter counts on by itself; every
+// `billing` event resets it to the server's figure (data-billable-ms is always the server's).
+setInterval(() => {
+  if (!meterRunning()) return;
+  const ahead = Math.min(METER_AHEAD_MAX_MS, performance.now() - S.billingAt);
+  const ms = S.billing.billable_ms + ahead;
+  const minor = Math.ceil((ms * S.session.rate_per_minute) / 60000);
+  $("billing-time").textContent = formatDuration(ms);
+  $("billing-amount").textContent = formatMoney(Math.max(minor, S.billing.amount_minor), S.billing.currency || S.session.currency);
+}, 1000);
 
 function renderBilling(bill) {
   const box = $("billing");
