@@ -35,6 +35,7 @@ from domain.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    Internal,
     NotFound,
     NotJoined,
     ParleyError,
@@ -455,6 +456,11 @@ class CallSession:
                 reply.fail(StorageUnavailable("storage did not answer in time"))
             else:
                 raise
+        except Exception:
+            # the actor is crashing: the request it was serving gets its one reply first
+            if reply is not None:
+                reply.fail(Internal("the session failed; try again"))
+            raise
 
     # ------------------------------------------------------------ membership
 
