@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage-batch", type=int,
                        default=int(_env("STORAGE_BATCH", str(defaults.storage_batch))),
                        help="most writes per transaction (PARLEY_STORAGE_BATCH)")
+        p.add_argument("--turn-ttl", type=int, default=int(_env("TURN_TTL", str(defaults.turn_ttl))),
+                       help="seconds TURN credentials stay valid (PARLEY_TURN_TTL)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
 
     token = sub.add_parser("token", help="print a token signed with the server's secret")
@@ -84,6 +86,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         turn_secret=_env("TURN_SECRET") or None,
         turn_urls=_urls(_env("TURN_URLS")),
         stun_urls=_urls(_env("STUN_URLS")),
+        turn_ttl=args.turn_ttl,
         redis_url=_env("REDIS_URL") or None,
         database_url=_env("DATABASE_URL") or None,
         log_level=args.log_level,

@@ -91,6 +91,9 @@ def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return replace(base, **overrides)
 
 
+test_settings.__test__ = False  # a helper, not a test
+
+
 async def start_server(nursery: trio.Nursery, settings: Settings) -> ServerFixture:
     shutdown = trio.Event()
     stopped = trio.Event()
