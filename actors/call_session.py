@@ -66,7 +66,7 @@ MAILBOX_SIZE = 256
 BACKLOG_PAGE = MAX_HISTORY_LIMIT
 BACKLOG_SEND_TIMEOUT = 30.0  # a catching-up client that reads nothing for this long is slow
 STORAGE_RETRY = 1.0  # seconds before a failed billing or orphan write is tried again
-TYPING_THROTTLE = 1.0  # at most one forwarded typing:true per user per second
+TYPING_BURST = 4  # typing:true forwards a user may make at once; then one per second
 
 
 # ---------------------------------------------------------------- replies
@@ -271,7 +271,9 @@ class Member:
     conn: ConnectionHandle
     catching_up: bool = False
     typing_until: float | None = None  # Trio time the server turns typing off
-    typing_forwarded_at: float = -math.inf
+    typing_tokens: float = TYPING_BURST
+    typing_tokens_at: float = -math.inf
+    typing_shown: bool = False  # what the others were last told
 
     @property
     def user(self) -> str:
@@ -396,10 +398,7 @@ class CallSession:
         for member in list(self.members.values()):
             if member.typing_until is not None and member.typing_until <= now:
                 member.typing_until = None
-                self._broadcast(
-                    events.event("typing", session=self.session_id, user=member.user, active=False),
-                    exclude=member.user,
-                )
+                self._show_typing(member, False, now)
         if (
             self.orphan_since is not None
             and not self.members
@@ -535,7 +534,7 @@ class CallSession:
         at_ms = now_ms if message.last_alive_ms is None else min(now_ms, message.last_alive_ms)
         if not self.members and self.session is not None and self.session.state == ACTIVE:
             self.orphan_since = trio.current_time()
-        if member.typing_until is not None:
+        if member.typing_shown:
             self._broadcast(events.event("typing", session=self.session_id, user=message.user, active=False))
         self._broadcast(events.event("presence", session=self.session_id, user=message.user, state="left"))
         kind = timeline.DROPPED if message.reason == "dropped" else timeline.LEFT
@@ -617,12 +616,9 @@ class CallSession:
             sender = self.members.get(caller.user)
             if sender is not None and message.conn_id is None and not sender.catching_up:
                 sender.conn.send_nowait(frame)  # posted over REST: the sender's socket sees it too
-            if sender is not None and sender.typing_until is not None:
+            if sender is not None:
                 sender.typing_until = None
-                self._broadcast(
-                    events.event("typing", session=self.session_id, user=caller.user, active=False),
-                    exclude=caller.user,
-                )
+                self._show_typing(sender, False, trio.current_time())
 
     async def _change_chat(self, message: EditChat | DeleteChat) -> None:
         caller = message.caller
@@ -653,28 +649,40 @@ class CallSession:
         ))
         mark = marks.read_seq if message.kind == "read" else marks.delivered_seq
         message.reply.ok(delivered_seq=marks.delivered_seq, read_seq=marks.read_seq)
-        self._broadcast(
-            events.event("receipt", session=self.session_id, user=message.conn.user, kind=message.kind, seq=mark),
-            exclude=message.conn.user,
-        )
+        if mark == message.seq:  # a stale receipt (below the mark) tells nobody anything new
+            self._broadcast(
+                events.event("receipt", session=self.session_id, user=message.conn.user, kind=message.kind, seq=mark),
+                exclude=message.conn.user,
+            )
 
     def _typing(self, message: SetTyping) -> None:
+        """Others hear of changes only (a refresh just keeps typing alive for `typing_timeout`),
+        and a user toggling on and off gets `TYPING_BURST` forwards, then one a second."""
         member = self._member_of(message.conn)
         now = trio.current_time()
-        was_typing = member.typing_until is not None
+        message.reply.ok()
         if message.active:
             member.typing_until = now + self.settings.typing_timeout
-            forward = not was_typing or now - member.typing_forwarded_at >= TYPING_THROTTLE
+            self._show_typing(member, True, now)
         else:
             member.typing_until = None
-            forward = was_typing
-        message.reply.ok()
-        if forward:
-            member.typing_forwarded_at = now
-            self._broadcast(
-                events.event("typing", session=self.session_id, user=member.user, active=message.active),
-                exclude=member.user,
-            )
+            self._show_typing(member, False, now)
+
+    def _show_typing(self, member: Member, active: bool, now: float) -> None:
+        if member.typing_shown == active:
+            return
+        if active:
+            elapsed = max(0.0, now - member.typing_tokens_at)
+            member.typing_tokens = min(TYPING_BURST, member.typing_tokens + elapsed)
+            member.typing_tokens_at = now
+            if member.typing_tokens < 1:
+                return  # shown by a later refresh, once a token is back
+            member.typing_tokens -= 1
+        member.typing_shown = active
+        self._broadcast(
+            events.event("typing", session=self.session_id, user=member.user, active=active),
+            exclude=member.user,
+        )
 
     # ------------------------------------------------------------ offline queue
 

@@ -76,7 +76,10 @@ class CheckpointBilling:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InsertMessage:
-    """→ (ChatMessage, duplicate: bool). A known (session, sender, client_id) returns the original."""
+    """→ (ChatMessage, duplicate: bool). A known (session, sender, client_id) returns the original.
+
+    The stored message's `seq` is the session's next one, whatever `message.seq` says.
+    """
 
     message: ChatMessage
 

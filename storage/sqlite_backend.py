@@ -7,6 +7,7 @@ long write batch). Each connection is used by one thread at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,14 @@ class SqliteBackend:
         ).fetchone()
         if row is not None:
             return _message_from_row(row), True
+        # the database numbers the message: the writer serializes inserts, so seqs are
+        # gapless even if the session actor's idea of the last one went stale (a write
+        # that timed out for its caller but committed)
+        seq = conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id = ?",
+            (message.session_id,),
+        ).fetchone()[0]
+        message = dataclasses.replace(message, seq=seq)
         conn.execute(
             f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0)",
             (
