@@ -300,7 +300,8 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         result = await supervisor.call_session(
             session_id, SendChat, caller=caller, conn_id=None, client_id=data.client_id, body=data.body,
         )
-        return _json(result["message"], 200 if result["duplicate"] else 201)
+        # a repeat answers exactly as the first time did (201 + the original message)
+        return _json(result["message"], 201)
 
     @app.get("/api/sessions/<session_id>/messages/<message_id>")
     @document_response(schemas.Message)
