@@ -30,10 +30,10 @@ class CreateSession(BaseModel):
 
     payer: str = UserId
     provider: str = UserId
-    rate_per_minute: int = Field(ge=0, le=MAX_RATE, description="minor units of currency per minute")
+    rate_per_minute: int = Field(ge=0, le=MAX_RATE, strict=True, description="minor units of currency per minute")
     currency: str = Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")
     guests: list[str] = Field(default_factory=list, max_length=MAX_GUESTS)
-    max_amount_minor: int | None = Field(default=None, ge=1, le=10**12, description="prepaid budget")
+    max_amount_minor: int | None = Field(default=None, ge=1, le=10**12, strict=True, description="prepaid budget")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("guests")
