@@ -454,7 +454,7 @@ class CallSession:
             if reply is not None:
                 reply.fail(StorageUnavailable("storage did not answer in time"))
             else:
-                raise
+                log.error("session %s: storage did not answer in time", self.session_id)
         except Exception:
             # the actor is crashing: the request it was serving gets its one reply first
             if reply is not None:
@@ -823,10 +823,10 @@ class CallSession:
         else:
             ledger = None
         if ledger is not None:
+            self._reschedule_billing()  # from the ledger in memory, even if the write fails
             await self.storage.write(sm.CheckpointBilling(
                 billing=self._billing_state(self.clock.now_ms()), timeline=tuple(entries),
             ))
-            self._reschedule_billing()
         elif entries:
             await self.storage.write(sm.AppendTimeline(entries=tuple(entries)))
 
