@@ -236,6 +236,20 @@ class Rest:
                     ids[index] = session_id
         return ids
 
+    def start_sessions(self, ids: list[str]) -> None:
+        chunks = [ids[i::self.workers] for i in range(self.workers)]
+
+        def work(chunk: list[str]) -> None:
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=60)
+            try:
+                for session_id in chunk:
+                    self._call(conn, "POST", f"/api/sessions/{session_id}/start", None)
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(work, chunks))
+
     def metrics(self) -> str:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
         try:

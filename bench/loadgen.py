@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import percentiles, proc_cpu_s, proc_kib  # noqa: E402
+from common import Rest, percentiles, proc_cpu_s, proc_kib  # noqa: E402
 
 clock = time.monotonic
 _loads = json.loads
@@ -57,6 +57,7 @@ class Stats:
         self.delivered = 0
         self.acked = 0
         self.latencies: list[float] = []
+        self.closing = False  # set before we close: closes after that are ours, not errors
 
     def in_window(self, t: float) -> bool:
         return self.t_start <= t <= self.t_end
@@ -117,8 +118,9 @@ class Conn:
                 elif kind == "replaced":
                     stats.errors["replaced"] += 1
         except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd else None
-            stats.errors[f"closed:{code}"] += 1
+            if not stats.closing:
+                code = exc.rcvd.code if exc.rcvd else None
+                stats.errors[f"closed:{code}"] += 1
 
     async def request(self, frame: str, ref: str, timeout: float) -> dict:
         future = asyncio.get_running_loop().create_future()
@@ -160,6 +162,8 @@ async def open_all(args, plan, stats: Stats) -> list[Conn]:
 
 
 async def close_all(conns: list[Conn], timeout: float = 20.0) -> None:
+    if conns:
+        conns[0].stats.closing = True
     live = [c for c in conns if c.ws is not None]
     try:
         async with asyncio.timeout(timeout):
@@ -313,6 +317,13 @@ async def mode_billing(args, plan) -> dict:
     stats = Stats()
     conns = await open_all(args, plan, stats)
     opened = sum(1 for c in conns if c.ws is not None)
+    start = plan.get("start")
+    setup_s = None
+    if start:  # start the sessions only now that everyone is joined: billing opens at once
+        t0 = clock()
+        await asyncio.get_running_loop().run_in_executor(
+            None, Rest(start["port"]).start_sessions, start["sessions"])
+        setup_s = round(clock() - t0, 1)
     await asyncio.sleep(args.warmup)
     window = Window(args.server_pid)
     t_start = clock()
@@ -341,7 +352,7 @@ async def mode_billing(args, plan) -> dict:
         timer.extend((b - k * tick_ms) / 1000 for (_, b), k in zip(events, ks))
     await close_all(conns, timeout=60)
     return {"mode": "billing", "connections": len(conns), "opened": opened, "held": held,
-            "tick_s": args.tick, "events": got, "events_expected": expected,
+            "tick_s": args.tick, "start_s": setup_s, "events": got, "events_expected": expected,
             "cadence_lateness_ms": percentiles(cadence), "timer_lateness_ms": percentiles(timer),
             "errors": dict(stats.errors), **win}
 
