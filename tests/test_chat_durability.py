@@ -8,12 +8,8 @@ the session goes on numbering where it stopped.
 
 from __future__ import annotations
 
-import os
 import random
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,39 +21,12 @@ from gateway.auth import mint_token
 from parley_client import Closed, RequestError, connect
 
 from .conftest import SECRET
+from .processes import ServerProcess, spawn_server
 
-ROOT = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
-
-
-class ServerProcess:
-    def __init__(self, process: trio.Process, host: str, port: int) -> None:
-        self.process = process
-        self.base_url = f"http://{host}:{port}"
-        self.ws_url = f"ws://{host}:{port}/ws"
 
 
 async def _start(nursery: trio.Nursery, data_dir: Path) -> ServerProcess:
-    """`python run.py serve --port 0`, parsing the port from its log, then draining its log."""
-    env = {**os.environ, "PARLEY_SECRET": SECRET, "PARLEY_LOG_LEVEL": "INFO"}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "run.py", "serve", "--port", "0", "--data-dir", str(data_dir)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    buffer = b""
-    with trio.fail_after(15):
-        while (match := LISTENING.search(buffer.decode(errors="replace"))) is None:
-            chunk = await process.stderr.receive_some()
-            assert chunk, f"the server exited before listening:\n{buffer.decode(errors='replace')}"
-            buffer += chunk
-
-    async def drain() -> None:  # a full pipe would stall the server's logging
-        async for _ in process.stderr:
-            pass
-
-    nursery.start_soon(drain)
-    return ServerProcess(process, match.group(1), int(match.group(2)))
+    return await spawn_server(nursery, data_dir, secret=SECRET)
 
 
 def _auth(user: str, *, admin: bool = False) -> dict[str, str]:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,8 +12,7 @@ import trio_websocket
 from gateway.auth import mint_token
 from parley_client import connect
 
-ROOT = Path(__file__).resolve().parents[2]
-
+from ..processes import spawn_server
 
 async def test_billing_route_live_then_final_and_who_may_read_it(make_server):
     server = await make_server(billing_tick=0.2)
@@ -98,63 +91,41 @@ async def test_a_silent_drop_is_not_billed_past_its_last_pong(make_server, monke
     assert len(drops) == 1 and drops[0]["actor"] == "bob" and drops[0]["detail"]["last_alive"]
 
 
-def _start_server(data_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "serve", "--port", "0", "--data-dir", str(data_dir),
-         "--billing-tick", "0.25", "--heartbeat", "5"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 30
-    assert process.stderr is not None
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        match = re.search(r"listening on http://[\d.]+:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    process.kill()
-    raise AssertionError("the server did not start")
-
-
-async def test_sigkill_mid_call_never_overbills_and_loses_at_most_a_tick(tmp_path):
+async def test_sigkill_mid_call_never_overbills_and_loses_at_most_a_tick(tmp_path, nursery):
     secret = "sigkill-test-secret-long-enough-for-hs256!"
-    env = {**os.environ, "PARLEY_SECRET": secret}
     admin = {"Authorization": f"Bearer {mint_token(secret, 'admin', admin=True)}"}
-    process, port = await trio.to_thread.run_sync(_start_server, tmp_path, env)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            created = await http.post("/api/sessions", headers=admin, json={
-                "payer": "alice", "provider": "bob", "rate_per_minute": 60_000, "currency": "USD"})
-            sid = created.json()["id"]
-            assert (await http.post(f"/api/sessions/{sid}/start", headers=admin)).status_code == 200
-        url = f"ws://127.0.0.1:{port}/ws"
-        async with connect(url, mint_token(secret, "alice")) as alice, connect(url, mint_token(secret, "bob")) as bob:
-            await alice.request("join", session=sid)
-            await bob.request("join", session=sid)
-            both_since = trio.current_time()
-            await trio.sleep(1.6)
-            process.send_signal(signal.SIGKILL)
-            killed_at = trio.current_time()
-            await trio.to_thread.run_sync(process.wait)
-            await alice.wait_closed()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    args = ("--billing-tick", "0.25", "--heartbeat", "5")
+    first = await spawn_server(nursery, tmp_path, *args, secret=secret)
+    async with httpx.AsyncClient(base_url=first.base_url, timeout=10) as http:
+        created = await http.post("/api/sessions", headers=admin, json={
+            "payer": "alice", "provider": "bob", "rate_per_minute": 60_000, "currency": "USD"})
+        sid = created.json()["id"]
+        assert (await http.post(f"/api/sessions/{sid}/start", headers=admin)).status_code == 200
+    async with connect(first.ws_url, mint_token(secret, "alice")) as alice, \
+            connect(first.ws_url, mint_token(secret, "bob")) as bob:
+        await alice.request("join", session=sid)
+        await bob.request("join", session=sid)
+        both_since = trio.current_time()
+        await trio.sleep(1.6)
+        first.process.send_signal(signal.SIGKILL)
+        killed_at = trio.current_time()
+        await first.process.wait()
+        await alice.wait_closed()
     really_both_ms = (killed_at - both_since) * 1000
-    process, port = await trio.to_thread.run_sync(_start_server, tmp_path, env)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            bill = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
-            assert bill["billable_ms"] <= really_both_ms  # never over-counted
-            assert bill["billable_ms"] >= really_both_ms - 250 - 150  # one tick (+ scheduling slack)
-            ended = await http.post(f"/api/sessions/{sid}/end", headers=admin)
-            assert ended.status_code == 200
-            final = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
-            assert final["final"] is True and final["billable_ms"] == bill["billable_ms"]
-            timeline = (await http.get(f"/api/sessions/{sid}/timeline", headers=admin)).json()
-            assert "billing_gap" in [e["kind"] for e in timeline["items"]]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await trio.to_thread.run_sync(lambda: process.wait(timeout=15)) == 0
+    second = await spawn_server(nursery, tmp_path, *args, secret=secret)
+    async with httpx.AsyncClient(base_url=second.base_url, timeout=10) as http:
+        bill = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
+        assert bill["billable_ms"] <= really_both_ms  # never over-counted
+        assert bill["billable_ms"] >= really_both_ms - 250 - 150  # one tick (+ scheduling slack)
+        ended = await http.post(f"/api/sessions/{sid}/end", headers=admin)
+        assert ended.status_code == 200
+        final = (await http.get(f"/api/sessions/{sid}/billing", headers=admin)).json()
+        assert final["final"] is True and final["billable_ms"] == bill["billable_ms"]
+        timeline = (await http.get(f"/api/sessions/{sid}/timeline", headers=admin)).json()
+        assert "billing_gap" in [e["kind"] for e in timeline["items"]]
+    second.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(15):
+        assert await second.process.wait() == 0
 
 
 @pytest.mark.parametrize("user, status", [("alice", 403), ("admin", 201)])
