@@ -52,7 +52,7 @@ from domain.session import (
 from domain.settings import Settings
 from storage import messages as sm
 
-from . import metrics
+from domain import metrics
 from .billing_timer import BillingDue, BillingTimer
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from gateway import wire
 from storage import messages as sm
 from storage.actor import StorageHandle
 
-from . import metrics
+from domain import metrics
 from .call_session import (
     Caller,
     DeleteChat,

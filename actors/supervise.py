@@ -28,7 +28,7 @@ from domain.session import ACTIVE
 from domain.settings import Settings
 from storage.actor import StorageHandle
 
-from . import metrics
+from domain import metrics
 from .call_session import MAILBOX_SIZE, CallSession, Flush, SessionGone, SessionHandle, SessionMessage
 
 log = logging.getLogger("parley.supervisor")

@@ -34,7 +34,7 @@ from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors import metrics
+from domain import metrics
 from actors.call_session import Caller, DeleteChat, EditChat, GetLiveBilling, SendChat, Transition
 from actors.connection import ConnectionContext
 from domain import session as lifecycle

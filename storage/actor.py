@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import outcome
 import trio
 
+from domain import metrics
 from domain.errors import Internal, ParleyError, StorageUnavailable
 
 from . import messages as m
@@ -45,10 +46,30 @@ class Backend(Protocol):
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
 
+class _Reply:
+    """A one-shot answer: lighter than a memory channel for the hottest path in the server.
+    Set once by the storage actor; a requester that gave up simply never reads it."""
+
+    __slots__ = ("result", "_done")
+
+    def __init__(self) -> None:
+        self.result: outcome.Outcome | None = None
+        self._done = trio.Event()
+
+    def set(self, result: outcome.Outcome) -> None:
+        self.result = result
+        self._done.set()
+
+    async def wait(self) -> outcome.Outcome:
+        await self._done.wait()
+        assert self.result is not None
+        return self.result
+
+
 @dataclass(frozen=True, slots=True)
 class _Envelope:
     request: m.WriteRequest
-    reply: trio.MemorySendChannel[outcome.Outcome]
+    reply: _Reply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,13 +90,13 @@ class StorageHandle:
         self._requests = requests
 
     async def write(self, request: m.WriteRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
-        reply_send, reply_receive = trio.open_memory_channel[outcome.Outcome](1)
+        reply = _Reply()
         with trio.fail_after(timeout):
             try:
-                await self._requests.send(_Envelope(request, reply_send))
+                await self._requests.send(_Envelope(request, reply))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise StorageUnavailable("storage is shutting down") from None
-            result = await reply_receive.receive()
+            result = await reply.wait()
         return result.unwrap()
 
     async def read(self, request: m.ReadRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -168,14 +189,17 @@ class StorageActor:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             results = await self._in_writer_thread(self._apply_batch, [e.request for e in batch])
+            metrics.STORAGE_BATCH.observe(len(batch))
             for envelope, result in zip(batch, results):
-                try:
-                    envelope.reply.send_nowait(result)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the requester gave up (its deadline); the write still happened
+                envelope.reply.set(result)  # a requester past its deadline never reads it
 
     def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
-        """Runs in the writer thread: one transaction, a savepoint per request."""
+        """Runs in the writer thread: one transaction for the whole batch.
+
+        Most batches are refused nothing, so they run without savepoints. When a request
+        is refused (a conflict, a duplicate), the transaction is rolled back and the batch
+        is run again with a savepoint around each request, so only that one is undone.
+        """
         backend = self.backend
         try:
             if self._writer is None:
@@ -184,18 +208,12 @@ class StorageActor:
                     self._reader = self._writer
             conn = self._writer
             backend.begin(conn)
-            results: list[outcome.Outcome] = []
-            for request in requests:
-                conn.execute("SAVEPOINT request")
-                try:
-                    results.append(outcome.Value(backend.write(conn, request)))
-                except (ParleyError, sqlite3.IntegrityError) as exc:
-                    conn.execute("ROLLBACK TO request")
-                    if isinstance(exc, sqlite3.IntegrityError):
-                        log.error("integrity error on %r: %s", request, exc)
-                        exc = Internal("the write was refused by the database")
-                    results.append(outcome.Error(exc))
-                conn.execute("RELEASE request")
+            try:
+                results = [outcome.Value(backend.write(conn, request)) for request in requests]
+            except (ParleyError, sqlite3.IntegrityError):
+                backend.rollback(conn)
+                backend.begin(conn)
+                results = self._apply_each(conn, requests)
             backend.commit(conn)
         except sqlite3.Error as exc:
             self._failed_batches += 1
@@ -211,6 +229,21 @@ class StorageActor:
         self._batches += 1
         self._writes += len(requests)
         self._largest_batch = max(self._largest_batch, len(requests))
+        return results
+
+    def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+        results: list[outcome.Outcome] = []
+        for request in requests:
+            conn.execute("SAVEPOINT request")
+            try:
+                results.append(outcome.Value(self.backend.write(conn, request)))
+            except (ParleyError, sqlite3.IntegrityError) as exc:
+                conn.execute("ROLLBACK TO request")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    log.error("integrity error on %r: %s", request, exc)
+                    exc = Internal("the write was refused by the database")
+                results.append(outcome.Error(exc))
+            conn.execute("RELEASE request")
         return results
 
     def _discard_writer(self) -> None:

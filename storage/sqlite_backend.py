@@ -236,34 +236,35 @@ class SqliteBackend:
     def _insert_message(
         self, conn: sqlite3.Connection, message: ChatMessage
     ) -> tuple[ChatMessage, bool]:
+        # One statement: the database numbers the message (the writer serializes inserts, so
+        # seqs are gapless even if the session actor's idea of the last one went stale after a
+        # write that timed out for its caller but committed), and a known
+        # (session, sender, client_id) inserts nothing and returns no row.
         row = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-            " WHERE session_id = ? AND sender = ? AND client_id = ?",
-            (message.session_id, message.sender, message.client_id),
-        ).fetchone()
-        if row is not None:
-            return _message_from_row(row), True
-        # the database numbers the message: the writer serializes inserts, so seqs are
-        # gapless even if the session actor's idea of the last one went stale (a write
-        # that timed out for its caller but committed)
-        seq = conn.execute(
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id = ?",
-            (message.session_id,),
-        ).fetchone()[0]
-        message = dataclasses.replace(message, seq=seq)
-        conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0)",
+            "INSERT OR IGNORE INTO messages"
+            " (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
+            " SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, NULL, 0"
+            " FROM messages WHERE session_id = ? RETURNING seq",
             (
                 message.id,
                 message.session_id,
-                message.seq,
                 message.client_id,
                 message.sender,
                 message.body,
                 message.created_at,
+                message.session_id,
             ),
-        )
-        return message, False
+        ).fetchone()
+        if row is not None:
+            return dataclasses.replace(message, seq=row[0]), False
+        original = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE session_id = ? AND sender = ? AND client_id = ?",
+            (message.session_id, message.sender, message.client_id),
+        ).fetchone()
+        if original is None:  # ignored for another reason (an id collision): refuse it
+            raise sqlite3.IntegrityError("message not inserted")
+        return _message_from_row(original), True
 
     def _edit_message(self, conn: sqlite3.Connection, request: m.EditMessage) -> ChatMessage:
         current = self._get_message(conn, request.session_id, request.message_id)

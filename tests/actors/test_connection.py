@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from actors import metrics
+from domain import metrics
 from actors.connection import CLOSE_AUTH, CLOSE_POLICY, CLOSE_SLOW_CONSUMER
 from parley_client import RequestError
 from storage import messages as sm

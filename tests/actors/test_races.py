@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import metrics
+from domain import metrics
 from actors.call_session import CallSession
 from parley_client import RequestError
 
