@@ -87,15 +87,15 @@ class ConnectionContext:
 class ConnectionHandle:
     """What session actors hold of a connection: who it is and a non-blocking send."""
 
-    __slots__ = ("id", "user", "is_admin", "_outbox", "_slow", "_room")
+    __slots__ = ("id", "user", "is_admin", "_outbox", "_room", "on_slow")
 
     def __init__(self, *, id: str, user: str, is_admin: bool, outbox: trio.MemorySendChannel[str]) -> None:
         self.id = id
         self.user = user
         self.is_admin = is_admin
         self._outbox = outbox
-        self._slow = trio.Event()
         self._room = trio.Event()  # set by the writer whenever it takes a frame (or stops)
+        self.on_slow: Callable[[], None] = lambda: None  # set by the connection actor
 
     def send_nowait(self, frame: str) -> None:
         """Queue a frame; a full outbox marks this connection a slow consumer."""
@@ -136,10 +136,8 @@ class ConnectionHandle:
         self._room.set()
 
     def close_slow_consumer(self) -> None:
-        self._slow.set()
-
-    async def wait_slow(self) -> None:
-        await self._slow.wait()
+        """Synchronous, so session actors can call it: the connection closes itself (1008)."""
+        self.on_slow()
 
     def __repr__(self) -> str:
         return f"<connection {self.id} of {self.user}>"
@@ -236,6 +234,15 @@ class Connection:
         self._tokens = float(ctx.settings.frame_burst)
         self._tokens_at = trio.current_time()
         self._strikes = 0
+        self._scope: trio.CancelScope | None = None
+        self._finished: _Finished | None = None  # set when something outside the tasks ends it
+        self.handle.on_slow = self._slow_consumer
+
+    def _slow_consumer(self) -> None:
+        if self._finished is None:
+            self._finished = _Finished(CLOSE_SLOW_CONSUMER, "slow consumer")
+        if self._scope is not None:
+            self._scope.cancel()
 
     # ------------------------------------------------------------ lifetime
 
@@ -243,14 +250,18 @@ class Connection:
         finished = _Finished(CLOSE_NORMAL, "closed")
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self._finished is not None:  # a slow consumer before it even started
+                    nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._heartbeat)
-                nursery.start_soon(self._watch, self.handle.wait_slow, CLOSE_SLOW_CONSUMER, "slow consumer")
                 nursery.start_soon(self._watch, self.ctx.shutting_down.wait, CLOSE_GOING_AWAY, "server shutting down")
                 await self._reader()
                 nursery.cancel_scope.cancel()
+            if self._finished is not None:
+                finished = self._finished
         except* _Finished as group:
-            finished = _first_leaf(group)
+            finished = self._finished or _first_leaf(group)
         except* Exception:
             log.exception("connection %s of %s crashed", self.handle.id, self.caller.user)
             finished = _Finished(CLOSE_INTERNAL, "internal error")
@@ -289,24 +300,22 @@ class Connection:
             metrics.FRAMES_OUT.inc()
 
     async def _heartbeat(self) -> None:
-        interval = self.settings.heartbeat
+        """Ping every `heartbeat` seconds; end a connection silent (no frame, no pong) for two.
 
-        async def ping_forever() -> None:
-            while True:
+        One task and one timer per connection: idle connections are mostly this loop.
+        """
+        interval = self.settings.heartbeat
+        while True:
+            with trio.move_on_at(self.last_alive + 2 * interval):
                 await trio.sleep(interval)
                 try:
                     await self.ws.ping()
                 except ConnectionClosed:
-                    return
+                    return  # the reader sees the close and ends the connection
                 self.last_alive = trio.current_time()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ping_forever)
-            while True:
-                deadline = self.last_alive + 2 * interval
-                if trio.current_time() >= deadline:
-                    raise _Finished(CLOSE_POLICY, "heartbeat timeout", dropped=True)
-                await trio.sleep_until(deadline)
+                continue
+            if trio.current_time() >= self.last_alive + 2 * interval:  # frames may have come
+                raise _Finished(CLOSE_POLICY, "heartbeat timeout", dropped=True)
 
     # ------------------------------------------------------------ reading
 

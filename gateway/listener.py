@@ -39,11 +39,17 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
         self.socket = stream.socket
+        # every frame passes here: once the prefix is given, calls go straight to the socket
+        self.send_all = stream.send_all  # type: ignore[method-assign]
+        if not prefix:
+            self.receive_some = stream.receive_some  # type: ignore[method-assign]
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
             size = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:size], self._prefix[size:]
+            if not self._prefix:
+                self.receive_some = self._stream.receive_some  # type: ignore[method-assign]
             await trio.lowlevel.checkpoint()
             return data
         return await self._stream.receive_some(max_bytes)
