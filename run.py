@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage-batch", type=int,
                        default=int(_env("STORAGE_BATCH", str(defaults.storage_batch))),
                        help="most writes per transaction (PARLEY_STORAGE_BATCH)")
+        p.add_argument("--frames-per-second", type=float,
+                       default=float(_env("FRAMES_PER_SECOND", str(defaults.frames_per_second))),
+                       help="sustained frames a connection may send per second (PARLEY_FRAMES_PER_SECOND)")
+        p.add_argument("--max-connections-per-user", type=int,
+                       default=int(_env("MAX_CONNECTIONS_PER_USER", str(defaults.max_connections_per_user))),
+                       help="open WebSockets per user (PARLEY_MAX_CONNECTIONS_PER_USER)")
         p.add_argument("--turn-ttl", type=int, default=int(_env("TURN_TTL", str(defaults.turn_ttl))),
                        help="seconds TURN credentials stay valid (PARLEY_TURN_TTL)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
@@ -87,6 +93,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         turn_urls=_urls(_env("TURN_URLS")),
         stun_urls=_urls(_env("STUN_URLS")),
         turn_ttl=args.turn_ttl,
+        frames_per_second=args.frames_per_second,
+        frame_burst=max(1, int(args.frames_per_second * 4)),
+        max_connections_per_user=args.max_connections_per_user,
         redis_url=_env("REDIS_URL") or None,
         database_url=_env("DATABASE_URL") or None,
         log_level=args.log_level,
