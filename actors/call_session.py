@@ -27,7 +27,7 @@ import orjson
 import outcome
 import trio
 
-from domain import events, timeline
+from domain import events, metrics, timeline
 from domain.billing import Ledger, amount_minor
 from domain.chat import MAX_HISTORY_LIMIT, ChatMessage
 from domain.clock import WallClock, iso
@@ -52,7 +52,6 @@ from domain.session import (
 from domain.settings import Settings
 from storage import messages as sm
 
-from domain import metrics
 from .billing_timer import BillingDue, BillingTimer
 
 if TYPE_CHECKING:
@@ -763,7 +762,11 @@ class CallSession:
             ))
         entries.append(timeline.TimelineEntry(
             session_id=self.session_id, at=at_ms, kind=timeline.BILLING_FINALIZED, actor="server",
-            detail={"billable_ms": final.billable_ms, "amount_minor": amount_minor(final.billable_ms, session.rate_per_minute), "currency": session.currency},
+            detail={
+                "billable_ms": final.billable_ms,
+                "amount_minor": amount_minor(final.billable_ms, session.rate_per_minute),
+                "currency": session.currency,
+            },
         ))
         changed = await self.storage.write(sm.TransitionSession(
             session_id=self.session_id, name="end", at=at_ms, end_reason=reason,

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from domain import events
+from domain import events, metrics
 from domain.clock import WallClock
 from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, Unauthorized
 from domain.settings import Settings
@@ -33,7 +33,6 @@ from gateway import wire
 from storage import messages as sm
 from storage.actor import StorageHandle
 
-from domain import metrics
 from .call_session import (
     Caller,
     DeleteChat,
@@ -396,7 +395,9 @@ class Connection:
             case wire.Typing(session=session_id, active=active):
                 await self._to_joined(session_id, SetTyping(conn=self.handle, active=active, reply=reply))
             case wire.ChatEdit(session=session_id, id=message_id, body=body):
-                await self._to_any(session_id, EditChat(caller=self.caller, message_id=message_id, body=body, reply=reply))
+                await self._to_any(
+                    session_id, EditChat(caller=self.caller, message_id=message_id, body=body, reply=reply)
+                )
             case wire.ChatDelete(session=session_id, id=message_id):
                 await self._to_any(session_id, DeleteChat(caller=self.caller, message_id=message_id, reply=reply))
             case wire.SessionEnd(session=session_id):

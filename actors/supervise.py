@@ -21,14 +21,13 @@ from typing import Any
 
 import trio
 
-from domain import events
+from domain import events, metrics
 from domain.clock import WallClock
 from domain.errors import Internal, StorageUnavailable
 from domain.session import ACTIVE
 from domain.settings import Settings
 from storage.actor import StorageHandle
 
-from domain import metrics
 from .call_session import MAILBOX_SIZE, CallSession, Flush, SessionGone, SessionHandle, SessionMessage
 
 log = logging.getLogger("parley.supervisor")
@@ -187,7 +186,9 @@ class Supervisor:
         crashes = self._crashes.setdefault(session_id, collections.deque(maxlen=RESTART_LIMIT))
         crashes.append(now)
         if len(crashes) == RESTART_LIMIT and now - crashes[0] < RESTART_WINDOW:
-            log.error("session %s crashed %d times in %ss; not restarting it", session_id, RESTART_LIMIT, RESTART_WINDOW)
+            log.error(
+                "session %s crashed %d times in %ss; not restarting it", session_id, RESTART_LIMIT, RESTART_WINDOW
+            )
             return
         log.warning("restarting session %s", session_id)
         self._spawn(session_id)

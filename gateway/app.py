@@ -34,9 +34,9 @@ from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from domain import metrics
 from actors.call_session import Caller, DeleteChat, EditChat, GetLiveBilling, SendChat, Transition
 from actors.connection import ConnectionContext
+from domain import metrics
 from domain import session as lifecycle
 from domain.billing import amount_minor
 from domain.clock import iso
