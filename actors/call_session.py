@@ -64,6 +64,7 @@ log = logging.getLogger("parley.session")
 MAILBOX_SIZE = 256
 BACKLOG_PAGE = MAX_HISTORY_LIMIT
 BACKLOG_SEND_TIMEOUT = 30.0  # a catching-up client that reads nothing for this long is slow
+CHAT_BATCH = 64  # chat sends stored in one round trip
 STORAGE_RETRY = 1.0  # seconds before a failed billing or orphan write is tried again
 TYPING_BURST = 4  # typing:true forwards a user may make at once; then one per second
 
@@ -295,6 +296,7 @@ class CallSession:
     orphan_since: float | None = None  # Trio time since nobody is joined (active sessions)
     next_tick_ms: int | None = None
     _timer: BillingTimer | None = None
+    _deferred: SessionMessage | None = None
     _nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ lifetime
@@ -367,7 +369,7 @@ class CallSession:
             if scope.cancelled_caught:
                 await self._on_deadline()
             else:
-                await self._dispatch(message)
+                await self._dispatch_in_order(message)
             if self._idle():
                 # drain what is already queued, then close the mailbox with no await
                 # in between, so no message can slip in after the last look
@@ -377,7 +379,7 @@ class CallSession:
                     except trio.WouldBlock:
                         self._retire_mailbox()
                         return
-                    await self._dispatch(message)
+                    await self._dispatch_in_order(message)
 
     def _idle(self) -> bool:
         assert self.session is not None
@@ -410,6 +412,12 @@ class CallSession:
                 log.error("session %s: ending the orphan failed, retrying: %s", self.session_id, exc)
                 self.orphan_since = now - self.settings.orphan_timeout + STORAGE_RETRY
 
+    async def _dispatch_in_order(self, message: SessionMessage) -> None:
+        await self._dispatch(message)
+        while self._deferred is not None:  # taken out of the mailbox behind a chat batch
+            message, self._deferred = self._deferred, None
+            await self._dispatch(message)
+
     async def _dispatch(self, message: SessionMessage) -> None:
         reply = getattr(message, "reply", None)
         try:
@@ -421,7 +429,7 @@ class CallSession:
                 case RelaySignal():
                     self._signal(message)
                 case SendChat():
-                    await self._send_chat(message)
+                    await self._send_chats(self._take_chat_batch(message))
                 case EditChat() | DeleteChat():
                     await self._change_chat(message)
                 case RaiseReceipt():
@@ -456,7 +464,8 @@ class CallSession:
                 log.error("session %s: storage did not answer in time", self.session_id)
         except Exception:
             # the actor is crashing: the request it was serving gets its one reply first
-            if reply is not None:
+            # (a chat batch has answered each of its messages already)
+            if reply is not None and not isinstance(message, SendChat):
                 reply.fail(Internal("the session failed; try again"))
             raise
 
@@ -578,7 +587,23 @@ class CallSession:
 
     # ------------------------------------------------------------ chat
 
-    async def _send_chat(self, message: SendChat) -> None:
+    def _take_chat_batch(self, first: SendChat) -> list[SendChat]:
+        """`first` and the chat sends queued right behind it, so one storage round trip (one
+        group commit) serves them all. The first other message stops the batch and is kept
+        in `_deferred`, to be handled next: the mailbox order is never changed."""
+        batch = [first]
+        while len(batch) < CHAT_BATCH and self._deferred is None:
+            try:
+                message = self.mailbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(message, SendChat):
+                batch.append(message)
+            else:
+                self._deferred = message
+        return batch
+
+    def _chat_candidate(self, message: SendChat) -> ChatMessage:
         session = self.session
         assert session is not None
         caller = message.caller
@@ -590,34 +615,66 @@ class CallSession:
             raise Forbidden("only participants may write to this session's chat")
         if session.state not in (ACTIVE, "scheduled"):
             raise Conflict(f"the session is {session.state}", state=session.state)
-        candidate = ChatMessage(
+        return ChatMessage(
             id=uuid.uuid4().hex,
             session_id=self.session_id,
-            seq=self.last_seq + 1,
+            seq=self.last_seq + 1,  # a hint: the database hands out the real one
             client_id=message.client_id,
             sender=caller.user,
             body=message.body,
             created_at=self.clock.now_ms(),
         )
-        stored, duplicate = await self.storage.write(sm.InsertMessage(message=candidate))
+
+    async def _send_chats(self, batch: list[SendChat]) -> None:
+        """Store a batch of messages in one round trip, then ack and deliver each in seq order."""
+        accepted: list[tuple[SendChat, ChatMessage]] = []
+        for message in batch:
+            try:
+                accepted.append((message, self._chat_candidate(message)))
+            except ParleyError as exc:
+                message.reply.fail(exc)
+        if not accepted:
+            return
+        try:
+            results = await self.storage.write_many([sm.InsertMessage(message=c) for _, c in accepted])
+        except (ParleyError, trio.TooSlowError) as exc:
+            error = exc if isinstance(exc, ParleyError) else StorageUnavailable("storage did not answer in time")
+            for message, _ in accepted:
+                message.reply.fail(error)
+            return
+        except BaseException:
+            for message, _ in accepted:  # the actor is going down: nobody waits for nothing
+                message.reply.fail(Internal("the session failed; try again"))
+            raise
+        for (message, _), result in zip(accepted, results):
+            try:
+                stored, duplicate = result.unwrap()
+            except ParleyError as exc:
+                message.reply.fail(exc)
+                continue
+            self._chat_stored(message, stored, duplicate)
+
+    def _chat_stored(self, message: SendChat, stored: ChatMessage, duplicate: bool) -> None:
+        caller = message.caller
         if not duplicate:
-            self.last_seq = stored.seq
+            self.last_seq = max(self.last_seq, stored.seq)
             metrics.CHAT_MESSAGES.inc()
         message.reply.ok(
             id=stored.id, seq=stored.seq, created_at=iso(stored.created_at),
             message={**stored.to_wire(), "session": self.session_id}, duplicate=duplicate,
         )
-        if not duplicate:
-            frame = events.encode({"type": "chat.message", "session": self.session_id, **stored.to_wire()})
-            for user, member in self.members.items():
-                if user != caller.user and not member.catching_up:
-                    member.conn.send_nowait(frame)
-            sender = self.members.get(caller.user)
-            if sender is not None and message.conn_id is None and not sender.catching_up:
-                sender.conn.send_nowait(frame)  # posted over REST: the sender's socket sees it too
-            if sender is not None:
-                sender.typing_until = None
-                self._show_typing(sender, False, trio.current_time())
+        if duplicate:
+            return
+        frame = events.encode({"type": "chat.message", "session": self.session_id, **stored.to_wire()})
+        for user, member in self.members.items():
+            if user != caller.user and not member.catching_up:
+                member.conn.send_nowait(frame)
+        sender = self.members.get(caller.user)
+        if sender is not None and message.conn_id is None and not sender.catching_up:
+            sender.conn.send_nowait(frame)  # posted over REST: the sender's socket sees it too
+        if sender is not None:
+            sender.typing_until = None
+            self._show_typing(sender, False, trio.current_time())
 
     async def _change_chat(self, message: EditChat | DeleteChat) -> None:
         caller = message.caller

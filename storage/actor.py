@@ -99,6 +99,20 @@ class StorageHandle:
             result = await reply.wait()
         return result.unwrap()
 
+    async def write_many(
+        self, requests: list[m.WriteRequest], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[outcome.Outcome]:
+        """Queue every request, then wait for all: they share group commits. Answers in order,
+        each an Outcome (one refused request does not fail the others)."""
+        replies = [_Reply() for _ in requests]
+        with trio.fail_after(timeout):
+            for request, reply in zip(requests, replies):
+                try:
+                    await self._requests.send(_Envelope(request, reply))
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise StorageUnavailable("storage is shutting down") from None
+            return [await reply.wait() for reply in replies]
+
     async def read(self, request: m.ReadRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
         with trio.fail_after(timeout):
             return await self._actor.read(request)
