@@ -364,12 +364,16 @@ class CallSession:
 
     async def _serve(self) -> None:
         while True:
-            with trio.move_on_at(self._next_deadline()) as scope:
-                message = await self.mailbox.receive()
-            if scope.cancelled_caught:
-                await self._on_deadline()
+            deadline = self._next_deadline()
+            if deadline == math.inf:  # the common case: no timer to arm
+                await self._dispatch_in_order(await self.mailbox.receive())
             else:
-                await self._dispatch_in_order(message)
+                with trio.move_on_at(deadline) as scope:
+                    message = await self.mailbox.receive()
+                if scope.cancelled_caught:
+                    await self._on_deadline()
+                else:
+                    await self._dispatch_in_order(message)
             if self._idle():
                 # drain what is already queued, then close the mailbox with no await
                 # in between, so no message can slip in after the last look
@@ -928,7 +932,10 @@ class CallSession:
             return
         due = [t for t in (self.next_tick_ms, ledger.warning_at(), ledger.limit_at()) if t is not None]
         wall_due = min(due)
-        timer.reschedule(max(not_before, trio.current_time() + max(0, wall_due - self.clock.now_ms()) / 1000))
+        # half a millisecond late on purpose: woken on time, the wall clock already reads `wall_due`
+        # (rounded to the ms), so a wake-up never finds itself a hair early and goes back to sleep
+        delay = max(0, wall_due - self.clock.now_ms()) / 1000 + 0.0005
+        timer.reschedule(max(not_before, trio.current_time() + delay))
 
     async def _billing_due(self) -> None:
         try:
