@@ -932,10 +932,7 @@ class CallSession:
             return
         due = [t for t in (self.next_tick_ms, ledger.warning_at(), ledger.limit_at()) if t is not None]
         wall_due = min(due)
-        # half a millisecond late on purpose: woken on time, the wall clock already reads `wall_due`
-        # (rounded to the ms), so a wake-up never finds itself a hair early and goes back to sleep
-        delay = max(0, wall_due - self.clock.now_ms()) / 1000 + 0.0005
-        timer.reschedule(max(not_before, trio.current_time() + delay))
+        timer.reschedule(max(not_before, trio.current_time() + max(0, wall_due - self.clock.now_ms()) / 1000))
 
     async def _billing_due(self) -> None:
         try:
