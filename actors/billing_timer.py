@@ -29,7 +29,6 @@ class BillingTimer:
         self._mailbox = mailbox
         self._deadline = math.inf
         self._changed = trio.Event()
-        self.fired = 0
 
     @property
     def deadline(self) -> float:
@@ -51,7 +50,6 @@ class BillingTimer:
                 await self._changed.wait()
                 continue
             self._deadline = math.inf
-            self.fired += 1
             try:
                 await self._mailbox.send(BillingDue())
             except (trio.BrokenResourceError, trio.ClosedResourceError):

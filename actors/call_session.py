@@ -44,6 +44,7 @@ from domain.errors import (
 from domain.session import (
     ACTIVE,
     CANCELLED,
+    END_ENDED,
     END_LIMIT_REACHED,
     END_ORPHANED,
     SessionRecord,
@@ -784,7 +785,7 @@ class CallSession:
         assert session is not None
         now_ms = self.clock.now_ms()
         if message.name == "end":
-            await self._end(actor=caller.user, reason="ended", at_ms=now_ms, reply=message.reply)
+            await self._end(actor=caller.user, reason=END_ENDED, at_ms=now_ms, reply=message.reply)
             return
         check_transition(session, message.name)
         kind = timeline.STARTED if message.name == "start" else timeline.CANCELLED

@@ -69,7 +69,7 @@ def _error(error: ParleyError) -> Response:
     return _json({"error": {"code": error.code, "message": error.message, **error.extra}}, error.status)
 
 
-def _billing_wire(session: SessionRecord, state: sm.BillingState | None, *, final: bool | None = None) -> dict:
+def _billing_wire(session: SessionRecord, state: sm.BillingState | None) -> dict:
     segments = state.segments if state else ()
     billable = sum(end - start for start, end in segments)
     return {
@@ -81,7 +81,7 @@ def _billing_wire(session: SessionRecord, state: sm.BillingState | None, *, fina
         "segments": [
             {"start": iso(start), "end": iso(end), "ms": end - start} for start, end in segments
         ],
-        "final": bool(state and state.final) if final is None else final,
+        "final": bool(state and state.final),
     }
 
 

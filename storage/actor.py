@@ -90,13 +90,7 @@ class StorageHandle:
         self._requests = requests
 
     async def write(self, request: m.WriteRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
-        reply = _Reply()
-        with trio.fail_after(timeout):
-            try:
-                await self._requests.send(_Envelope(request, reply))
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                raise StorageUnavailable("storage is shutting down") from None
-            result = await reply.wait()
+        [result] = await self.write_many([request], timeout=timeout)
         return result.unwrap()
 
     async def write_many(
@@ -121,10 +115,6 @@ class StorageHandle:
         with trio.fail_after(timeout):
             return await self._actor.read(request)
 
-    @property
-    def healthy(self) -> bool:
-        return self._actor.healthy
-
     async def check_ready(self, now_ms: int) -> bool:
         """True when a read works and writes commit (probing with a write when unhealthy)."""
         try:
@@ -133,6 +123,10 @@ class StorageHandle:
             await self.read(m.ProbeRead(), timeout=5)
         except (ParleyError, trio.TooSlowError):
             return False
+        return self._actor.healthy
+
+    @property
+    def healthy(self) -> bool:
         return self._actor.healthy
 
     def statistics(self) -> StorageStatistics:
