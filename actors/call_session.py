@@ -27,7 +27,7 @@ import orjson
 import outcome
 import trio
 
-from domain import events, metrics, timeline
+from domain import metrics, timeline
 from domain.billing import Ledger, amount_minor
 from domain.chat import MAX_HISTORY_LIMIT, ChatMessage
 from domain.clock import WallClock, iso
@@ -41,6 +41,7 @@ from domain.errors import (
     ParleyError,
     StorageUnavailable,
 )
+from domain.identity import Identity
 from domain.session import (
     ACTIVE,
     CANCELLED,
@@ -51,6 +52,7 @@ from domain.session import (
     check_transition,
 )
 from domain.settings import Settings
+from protocol import wire
 from storage import messages as sm
 
 from .billing_timer import BillingDue, BillingTimer
@@ -87,11 +89,11 @@ class FrameReply:
 
     def ok(self, **fields: Any) -> None:
         if self.ref is not None:
-            self.conn.send_nowait(events.ok(self.ref, **fields))
+            self.conn.send_nowait(wire.ok(self.ref, **fields))
 
     def fail(self, error: ParleyError) -> None:
         metrics.ERRORS.labels(error.code).inc()
-        self.conn.send_nowait(events.error(self.ref, error.code, error.message, **error.extra))
+        self.conn.send_nowait(wire.error(self.ref, error.code, error.message, **error.extra))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +114,6 @@ class ChannelReply:
 
 
 # ---------------------------------------------------------------- mailbox messages
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Caller:
-    """Who asks, as the edge authenticated them."""
-
-    user: str
-    is_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,7 +144,7 @@ class RelaySignal:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendChat:
-    caller: Caller
+    caller: Identity
     conn_id: str | None  # None: sent over REST (participant, not necessarily joined)
     client_id: str
     body: str
@@ -159,7 +153,7 @@ class SendChat:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EditChat:
-    caller: Caller
+    caller: Identity
     message_id: str
     body: str
     reply: Replier
@@ -167,7 +161,7 @@ class EditChat:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeleteChat:
-    caller: Caller
+    caller: Identity
     message_id: str
     reply: Replier
 
@@ -191,14 +185,14 @@ class SetTyping:
 class Transition:
     """start / end / cancel, from REST or the `session.end` frame."""
 
-    caller: Caller
+    caller: Identity
     name: str
     reply: Replier
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetLiveBilling:
-    caller: Caller
+    caller: Identity
     reply: Replier
 
 
@@ -511,7 +505,7 @@ class CallSession:
             ))
         await self.storage.write(sm.AppendTimeline(entries=tuple(entries)))
         if previous is not None:
-            previous.conn.send_nowait(events.event("replaced", session=self.session_id))
+            previous.conn.send_nowait(wire.event("replaced", session=self.session_id))
         member = Member(conn=conn, catching_up=marks.delivered_seq < self.last_seq)
         self.members[conn.user] = member
         self.orphan_since = None
@@ -520,7 +514,7 @@ class CallSession:
             assert self._nursery is not None
             self._nursery.start_soon(self._pump_backlog, member, marks.delivered_seq)
         self._broadcast(
-            events.event("presence", session=self.session_id, user=conn.user, state="joined"),
+            wire.event("presence", session=self.session_id, user=conn.user, state="joined"),
             exclude=conn.user,
         )
         was_billing = self.ledger is not None and self.ledger.is_open
@@ -531,7 +525,7 @@ class CallSession:
     def _join_fields(self) -> dict[str, Any]:
         assert self.session is not None
         return {
-            "session": self.session.to_wire(),
+            "session": wire.record(self.session),
             "participants": sorted(self.members),
             "last_seq": self.last_seq,
         }
@@ -548,8 +542,8 @@ class CallSession:
         if not self.members and self.session is not None and self.session.state == ACTIVE:
             self.orphan_since = trio.current_time()
         if member.typing_shown:
-            self._broadcast(events.event("typing", session=self.session_id, user=message.user, active=False))
-        self._broadcast(events.event("presence", session=self.session_id, user=message.user, state="left"))
+            self._broadcast(wire.event("typing", session=self.session_id, user=message.user, active=False))
+        self._broadcast(wire.event("presence", session=self.session_id, user=message.user, state="left"))
         kind = timeline.DROPPED if message.reason == "dropped" else timeline.LEFT
         detail: dict[str, Any] = {"connection": message.conn_id, "reason": message.reason}
         if message.last_alive_ms is not None:
@@ -581,7 +575,7 @@ class CallSession:
         target = self.members.get(message.to)
         if target is None:
             raise NotJoined(f"{message.to} is not joined to this session")
-        target.conn.send_nowait(events.encode({
+        target.conn.send_nowait(wire.encode({
             "type": "signal",
             "session": self.session_id,
             "from": message.conn.user,
@@ -666,11 +660,11 @@ class CallSession:
             metrics.CHAT_MESSAGES.inc()
         message.reply.ok(
             id=stored.id, seq=stored.seq, created_at=iso(stored.created_at),
-            message={**stored.to_wire(), "session": self.session_id}, duplicate=duplicate,
+            message={**wire.record(stored), "session": self.session_id}, duplicate=duplicate,
         )
         if duplicate:
             return
-        frame = events.encode({"type": "chat.message", "session": self.session_id, **stored.to_wire()})
+        frame = wire.encode({"type": "chat.message", "session": self.session_id, **wire.record(stored)})
         for user, member in self.members.items():
             if user != caller.user and not member.catching_up:
                 member.conn.send_nowait(frame)
@@ -697,9 +691,9 @@ class CallSession:
                 as_admin=caller.is_admin, at=now_ms,
             ))
             kind = "chat.deleted"
-        wire = changed.to_wire()
-        message.reply.ok(message={**wire, "session": self.session_id}, **wire)
-        self._broadcast(events.encode({"type": kind, "session": self.session_id, **wire}))
+        fields = wire.record(changed)
+        message.reply.ok(message={**fields, "session": self.session_id}, **fields)
+        self._broadcast(wire.encode({"type": kind, "session": self.session_id, **fields}))
 
     async def _receipt(self, message: RaiseReceipt) -> None:
         self._member_of(message.conn)
@@ -712,7 +706,7 @@ class CallSession:
         message.reply.ok(delivered_seq=marks.delivered_seq, read_seq=marks.read_seq)
         if mark == message.seq:  # a stale receipt (below the mark) tells nobody anything new
             self._broadcast(
-                events.event("receipt", session=self.session_id, user=message.conn.user, kind=message.kind, seq=mark),
+                wire.event("receipt", session=self.session_id, user=message.conn.user, kind=message.kind, seq=mark),
                 exclude=message.conn.user,
             )
 
@@ -741,7 +735,7 @@ class CallSession:
             member.typing_tokens -= 1
         member.typing_shown = active
         self._broadcast(
-            events.event("typing", session=self.session_id, user=member.user, active=active),
+            wire.event("typing", session=self.session_id, user=member.user, active=active),
             exclude=member.user,
         )
 
@@ -755,7 +749,7 @@ class CallSession:
                     session_id=self.session_id, after_seq=after_seq, limit=BACKLOG_PAGE,
                 ))
                 for stored in page:
-                    frame = events.encode({"type": "chat.message", "session": self.session_id, **stored.to_wire()})
+                    frame = wire.encode({"type": "chat.message", "session": self.session_id, **wire.record(stored)})
                     if not await member.conn.send(frame, timeout=BACKLOG_SEND_TIMEOUT):
                         return  # the connection is gone or too slow: it rejoins and resumes
                     after_seq = stored.seq
@@ -794,8 +788,8 @@ class CallSession:
             timeline=(timeline.TimelineEntry(session_id=self.session_id, at=now_ms, kind=kind, actor=caller.user),),
         ))
         self.session = changed
-        message.reply.ok(session=changed.to_wire())
-        self._broadcast(events.event("session", session=changed.to_wire()))
+        message.reply.ok(session=wire.record(changed))
+        self._broadcast(wire.event("session", session=wire.record(changed)))
         if changed.state == ACTIVE:
             self.ledger = Ledger(rate_per_minute=changed.rate_per_minute, max_amount_minor=changed.max_amount_minor)
             if not self.members:
@@ -845,8 +839,8 @@ class CallSession:
         assert self._timer is not None
         self._timer.cancel()
         if reply is not None:
-            reply.ok(session=changed.to_wire())
-        self._broadcast(events.event("session", session=changed.to_wire()))
+            reply.ok(session=wire.record(changed))
+        self._broadcast(wire.event("session", session=wire.record(changed)))
         self._broadcast(self._billing_frame(at_ms, final=True), users=(session.payer, session.provider))
         self._dismiss_members()
 
@@ -914,7 +908,7 @@ class CallSession:
         assert session is not None
         ledger = self.ledger or Ledger(rate_per_minute=session.rate_per_minute)
         billable = ledger.billable_ms(now_ms)
-        return events.event(
+        return wire.event(
             "billing", session=self.session_id, billable_ms=billable,
             amount_minor=amount_minor(billable, session.rate_per_minute),
             currency=session.currency, final=final, **extra,

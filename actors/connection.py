@@ -25,16 +25,16 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from domain import events, metrics
+from domain import metrics
 from domain.clock import WallClock
 from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, Unauthorized
+from domain.identity import Identity
 from domain.settings import Settings
-from gateway import wire
+from protocol import wire
 from storage import messages as sm
 from storage.actor import StorageHandle
 
 from .call_session import (
-    Caller,
     DeleteChat,
     EditChat,
     FrameReply,
@@ -63,12 +63,6 @@ LEAVE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
 PACED_SHARE = 2  # paced sends (the offline queue) fill at most 1/PACED_SHARE of the outbox
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Identity:
-    user: str
-    is_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,7 +204,7 @@ async def _hello(
     except ConnectionClosed:
         return None
     try:
-        await ws.send_message(events.event(
+        await ws.send_message(wire.event(
             "welcome", user=identity.user, connection=conn_id, heartbeat=ctx.settings.heartbeat,
         ))
     except ConnectionClosed:
@@ -223,7 +217,7 @@ class Connection:
         self.ws = ws
         self.ctx = ctx
         self.settings = ctx.settings
-        self.caller = Caller(user=identity.user, is_admin=identity.is_admin)
+        self.caller = identity
         outbox_send, self._outbox = trio.open_memory_channel[str](ctx.settings.outbox_frames)
         self.handle = ConnectionHandle(
             id=conn_id, user=identity.user, is_admin=identity.is_admin, outbox=outbox_send,
@@ -361,7 +355,7 @@ class Connection:
 
     def _fail(self, ref: str | None, error: ParleyError) -> None:
         metrics.ERRORS.labels(error.code).inc()
-        self.handle.send_nowait(events.error(ref, error.code, error.message, **error.extra))
+        self.handle.send_nowait(wire.error(ref, error.code, error.message, **error.extra))
 
     def _reply(self, ref: str | None) -> FrameReply:
         return FrameReply(self.handle, ref)
@@ -370,7 +364,7 @@ class Connection:
         reply = self._reply(request.ref)
         match request:
             case wire.Ping(ref=ref):
-                self.handle.send_nowait(events.ok(ref) if ref is not None else events.event("pong"))
+                self.handle.send_nowait(wire.ok(ref) if ref is not None else wire.event("pong"))
             case wire.Hello():
                 raise Forbidden("already authenticated")
             case wire.Join(session=session_id):
@@ -446,4 +440,4 @@ class Connection:
             session_id=request.session, after_seq=request.after_seq, before_seq=request.before_seq,
             limit=request.limit,
         ))
-        reply.ok(session=request.session, messages=[m.to_wire() for m in page])
+        reply.ok(session=request.session, messages=[wire.record(m) for m in page])

@@ -21,11 +21,12 @@ from typing import Any
 
 import trio
 
-from domain import events, metrics
+from domain import metrics
 from domain.clock import WallClock
 from domain.errors import Internal, StorageUnavailable
 from domain.session import ACTIVE
 from domain.settings import Settings
+from protocol import wire
 from storage.actor import StorageHandle
 
 from .call_session import MAILBOX_SIZE, CallSession, Flush, SessionGone, SessionHandle, SessionMessage
@@ -203,7 +204,7 @@ class Supervisor:
             metrics.SESSION_CRASHES.inc()
             log.exception("session actor %s crashed", actor.session_id)
             actor.handle.retired = True
-            frame = events.error(
+            frame = wire.error(
                 None, "internal", "the session failed; join it again", session=actor.session_id
             )
             for member in actor.members.values():

@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from common import percentiles  # noqa: E402
+
 from domain.chat import ChatMessage  # noqa: E402
 from storage import messages as sm  # noqa: E402
 from storage.actor import StorageActor  # noqa: E402

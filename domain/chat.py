@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from .clock import iso
 
 MAX_BODY_CHARS = 8_000
 MAX_HISTORY_LIMIT = 200
@@ -23,17 +20,6 @@ class ChatMessage:
     edited_at: int | None = None
     deleted: bool = False
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "seq": self.seq,
-            "client_id": self.client_id,
-            "sender": self.sender,
-            "body": None if self.deleted else self.body,
-            "created_at": iso(self.created_at),
-            "edited_at": iso(self.edited_at),
-            "deleted": self.deleted,
-        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .clock import iso
 from .errors import Conflict
 
 SCHEDULED = "scheduled"
@@ -55,22 +54,6 @@ class SessionRecord:
     def joinable(self) -> bool:
         return self.state in (SCHEDULED, ACTIVE)
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "payer": self.payer,
-            "provider": self.provider,
-            "guests": list(self.guests),
-            "rate_per_minute": self.rate_per_minute,
-            "currency": self.currency,
-            "max_amount_minor": self.max_amount_minor,
-            "state": self.state,
-            "created_at": iso(self.created_at),
-            "started_at": iso(self.started_at),
-            "ended_at": iso(self.ended_at),
-            "end_reason": self.end_reason,
-            "metadata": self.metadata,
-        }
 
 
 def check_transition(session: SessionRecord, name: str) -> str:

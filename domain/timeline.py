@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clock import iso
-
 CREATED = "created"
 STARTED = "started"
 JOINED = "joined"
@@ -30,5 +28,3 @@ class TimelineEntry:
     actor: str  # a user id, or "server"
     detail: dict[str, Any] = field(default_factory=dict)
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"at": iso(self.at), "kind": self.kind, "actor": self.actor, "detail": self.detail}

@@ -34,7 +34,7 @@ from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.call_session import Caller, DeleteChat, EditChat, GetLiveBilling, SendChat, Transition
+from actors.call_session import DeleteChat, EditChat, GetLiveBilling, SendChat, Transition
 from actors.connection import ConnectionContext
 from domain import metrics
 from domain import session as lifecycle
@@ -50,8 +50,10 @@ from domain.errors import (
     Unauthorized,
     Unprocessable,
 )
+from domain.identity import Identity
 from domain.session import SessionRecord
 from domain.timeline import CREATED, TimelineEntry
+from protocol import wire
 from storage import messages as sm
 
 from . import schemas
@@ -140,14 +142,14 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             if scheme.lower() != "bearer" or not token:
                 raise Unauthorized("send Authorization: Bearer <token>")
             identity = services.authenticate(token.strip())
-            g.caller = Caller(user=identity.user, is_admin=identity.is_admin)
+            g.caller = Identity(user=identity.user, is_admin=identity.is_admin)
             return await handler(*args, **kwargs)
 
         return wrapper
 
     async def visible_session(session_id: str) -> SessionRecord:
         session = await storage.read(sm.GetSession(session_id=session_id))
-        caller: Caller = g.caller
+        caller: Identity = g.caller
         if not (caller.is_admin or session.is_participant(caller.user)):
             raise Forbidden("not a participant of this session")
         return session
@@ -166,7 +168,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     @authenticated
     async def create_session(data: schemas.CreateSession) -> Response:
         """Create a session (admin). Honors `Idempotency-Key`."""
-        caller: Caller = g.caller
+        caller: Identity = g.caller
         if not caller.is_admin:
             raise Forbidden("only admins create sessions")
         now_ms = services.clock.now_ms()
@@ -181,7 +183,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             timeline=TimelineEntry(session_id=record.id, at=now_ms, kind=CREATED, actor=caller.user,
                                    detail={"rate_per_minute": record.rate_per_minute, "currency": record.currency}),
         ))
-        return _json(stored.to_wire(), 201)
+        return _json(wire.record(stored), 201)
 
     @app.get("/api/sessions")
     @validate_querystring(schemas.ListSessionsQuery)
@@ -189,7 +191,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     @authenticated
     async def list_sessions(query_args: schemas.ListSessionsQuery) -> Response:
         """Sessions newest first: all for admins, their own for users."""
-        caller: Caller = g.caller
+        caller: Identity = g.caller
         cursor = None
         if query_args.cursor is not None:
             if not query_args.cursor.isdigit():
@@ -200,7 +202,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             limit=query_args.limit,
         ))
         return _json({
-            "items": [s.to_wire() for s in page],
+            "items": [wire.record(s) for s in page],
             "next_cursor": None if next_cursor is None else str(next_cursor),
         })
 
@@ -208,11 +210,11 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     @document_response(schemas.Session)
     @authenticated
     async def get_session(session_id: str) -> Response:
-        return _json((await visible_session(session_id)).to_wire())
+        return _json(wire.record(await visible_session(session_id)))
 
     async def transition(session_id: str, name: str) -> Response:
         await visible_session(session_id)
-        caller: Caller = g.caller
+        caller: Identity = g.caller
         key = idempotency_key()
         route = f"POST /api/sessions/{session_id}/{name}"
         if key is not None:
@@ -271,7 +273,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         """Everything that happened to the session, oldest first."""
         await visible_session(session_id)
         entries = await storage.read(sm.GetTimeline(session_id=session_id))
-        return _json({"items": [e.to_wire() for e in entries]})
+        return _json({"items": [wire.record(e) for e in entries]})
 
     # ------------------------------------------------------------ messages
 
@@ -285,7 +287,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             session_id=session_id, after_seq=query_args.after_seq, before_seq=query_args.before_seq,
             limit=query_args.limit,
         ))
-        return _json({"items": [m.to_wire() for m in page]})
+        return _json({"items": [wire.record(m) for m in page]})
 
     @app.post("/api/sessions/<session_id>/messages")
     @validate_request(schemas.SendMessage)
@@ -294,7 +296,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     async def post_message(session_id: str, data: schemas.SendMessage) -> Response:
         """Send as a participant; same idempotency and live delivery as `chat.send`."""
         session = await visible_session(session_id)
-        caller: Caller = g.caller
+        caller: Identity = g.caller
         if not session.is_participant(caller.user):
             raise Forbidden("only participants may write to this session's chat")
         result = await supervisor.call_session(
@@ -309,7 +311,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     async def get_message(session_id: str, message_id: str) -> Response:
         await visible_session(session_id)
         message = await storage.read(sm.GetMessage(session_id=session_id, message_id=message_id))
-        return _json(message.to_wire())
+        return _json(wire.record(message))
 
     @app.patch("/api/sessions/<session_id>/messages/<message_id>")
     @validate_request(schemas.EditMessage)

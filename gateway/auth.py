@@ -10,8 +10,8 @@ from pathlib import Path
 
 import jwt
 
-from actors.connection import Identity
 from domain.errors import Unauthorized
+from domain.identity import Identity
 
 log = logging.getLogger("parley.auth")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from actors.call_session import Caller, FrameReply, SendChat, SetTyping
+from actors.call_session import FrameReply, SendChat, SetTyping
+from domain.identity import Identity
 
 from .billing.harness import Peer, world
 
@@ -15,7 +16,7 @@ async def test_queued_sends_share_one_commit_and_keep_mailbox_order(autojump_clo
         await w.join(bob, sid)
         handle = await w.supervisor.session(sid)
         before = w.storage.statistics()
-        caller = Caller(user="payer")
+        caller = Identity(user="payer")
 
         def chat(n: int) -> SendChat:
             return SendChat(caller=caller, conn_id=alice.handle.id, client_id=f"c{n}", body=f"message {n}",
@@ -50,7 +51,7 @@ async def test_a_refused_send_in_a_batch_does_not_stop_the_others(autojump_clock
         await w.join(alice, sid)
         await w.join(bob, sid)
         handle = await w.supervisor.session(sid)
-        caller = Caller(user="payer")
+        caller = Identity(user="payer")
         for n, conn in enumerate([alice, stranger, alice], start=1):  # the stranger is not joined
             handle._mailbox.send_nowait(SendChat(
                 caller=caller, conn_id=conn.handle.id, client_id=f"c{n}", body="hi",

@@ -24,7 +24,6 @@ from .conftest import SECRET
 from .processes import ServerProcess, spawn_server
 
 
-
 async def _start(nursery: trio.Nursery, data_dir: Path) -> ServerProcess:
     return await spawn_server(nursery, data_dir, secret=SECRET)
 

@@ -12,13 +12,12 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from domain import metrics
 from actors.connection import CLOSE_AUTH, CLOSE_POLICY, CLOSE_SLOW_CONSUMER
+from domain import metrics
 from parley_client import RequestError
 from storage import messages as sm
 
 from .conftest import SECRET, FreezableStream, token
-
 
 
 async def closed_code(ws, *, timeout: float = 30) -> int | None:

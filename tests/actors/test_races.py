@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from domain import metrics
 from actors.call_session import CallSession
+from domain import metrics
 from parley_client import RequestError
 
 SEEDS = [1, 2, 3, 5, 8]

@@ -18,10 +18,11 @@ from typing import Any
 import orjson
 import trio
 
-from actors.call_session import Caller, FrameReply, GetLiveBilling, JoinSession, LeaveSession, Transition
+from actors.call_session import FrameReply, GetLiveBilling, JoinSession, LeaveSession, Transition
 from actors.connection import ConnectionHandle
 from actors.supervise import Supervisor, SupervisorHandle
 from domain.clock import WallClock
+from domain.identity import Identity
 from domain.session import SessionRecord
 from domain.settings import Settings
 from domain.timeline import CREATED, TimelineEntry
@@ -88,7 +89,7 @@ class World:
 
     async def transition(self, session_id: str, name: str, user: str = "admin") -> dict[str, Any]:
         return await self.supervisor.call_session(
-            session_id, Transition, caller=Caller(user=user, is_admin=user == "admin"), name=name,
+            session_id, Transition, caller=Identity(user=user, is_admin=user == "admin"), name=name,
         )
 
     async def create_active(self, **kwargs: Any) -> str:
@@ -111,7 +112,7 @@ class World:
         await self.settle()
 
     async def live_billing(self, session_id: str) -> sm.BillingState:
-        result = await self.supervisor.call_session(session_id, GetLiveBilling, caller=Caller(user="admin", is_admin=True))
+        result = await self.supervisor.call_session(session_id, GetLiveBilling, caller=Identity(user="admin", is_admin=True))
         return result["billing"]
 
     async def stored_billing(self, session_id: str) -> sm.BillingState:

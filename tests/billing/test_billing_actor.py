@@ -10,6 +10,7 @@ from domain.timeline import BILLING_FINALIZED, BILLING_GAP, DROPPED
 
 from .harness import Peer, world
 
+
 async def test_ticks_push_billing_to_payer_and_provider_and_checkpoint(autojump_clock):
     async with world(billing_tick=5.0) as w:
         sid = await w.create_active(rate=60)  # 1 minor unit per second

@@ -14,6 +14,7 @@ from parley_client import connect
 
 from ..processes import spawn_server
 
+
 async def test_billing_route_live_then_final_and_who_may_read_it(make_server):
     server = await make_server(billing_tick=0.2)
     session = await server.create_session(rate_per_minute=600)  # 10 minor units per second

@@ -1,20 +1,28 @@
-"""WebSocket frames ↔ typed requests (PRODUCT.md section 6).
+"""The wire format, both directions (PRODUCT.md sections 6 and 7). Sans-IO.
 
-Every client frame is decoded straight into one of the tagged structs below
-(msgspec validates types while it parses); sizes are checked here, so actors
-behind the edge can trust what they get. Unknown fields are ignored, as the
-contract lets clients and servers add fields.
+Decoding: every client frame is decoded straight into one of the tagged structs
+below (msgspec validates types while it parses); sizes are checked here, so
+actors behind the edge can trust what they get. Unknown fields are ignored, as
+the contract lets clients and servers add fields.
+
+Encoding: server → client frames are encoded once to JSON text; an event sent
+to many connections is encoded once and the same `str` goes into every outbox.
+`record()` is the one JSON shape of a session, a chat message and a timeline
+entry, used by the WebSocket and the REST app alike.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import orjson
 
-from domain.chat import MAX_BODY_CHARS, MAX_HISTORY_LIMIT
+from domain.chat import MAX_BODY_CHARS, MAX_HISTORY_LIMIT, ChatMessage
+from domain.clock import iso
 from domain.errors import BadRequest, TooLarge
+from domain.session import SessionRecord
+from domain.timeline import TimelineEntry
 
 MAX_ID_CHARS = 128  # session ids, user ids, client ids, refs
 MAX_SIGNAL_PAYLOAD = 32 * 1024
@@ -198,3 +206,60 @@ def _check_sizes(request: Request) -> None:
                 raise FrameError(BadRequest("seq bounds must not be negative"), ref)
         case _:
             pass
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def ok(ref: str | None, **fields: Any) -> str:
+    return encode({"type": "ok", "ref": ref, **fields})
+
+
+def error(ref: str | None, code: str, message: str, **extra: Any) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message, **extra}
+    if ref is not None:
+        frame["ref"] = ref
+    return encode(frame)
+
+
+def event(type_: str, **fields: Any) -> str:
+    return encode({"type": type_, **fields})
+
+
+def record(value: SessionRecord | ChatMessage | TimelineEntry) -> dict[str, Any]:
+    """The JSON object of a stored record, as both edges show it."""
+    match value:
+        case SessionRecord():
+            return {
+                "id": value.id,
+                "payer": value.payer,
+                "provider": value.provider,
+                "guests": list(value.guests),
+                "rate_per_minute": value.rate_per_minute,
+                "currency": value.currency,
+                "max_amount_minor": value.max_amount_minor,
+                "state": value.state,
+                "created_at": iso(value.created_at),
+                "started_at": iso(value.started_at),
+                "ended_at": iso(value.ended_at),
+                "end_reason": value.end_reason,
+                "metadata": value.metadata,
+            }
+        case ChatMessage():
+            return {
+                "id": value.id,
+                "seq": value.seq,
+                "client_id": value.client_id,
+                "sender": value.sender,
+                "body": None if value.deleted else value.body,
+                "created_at": iso(value.created_at),
+                "edited_at": iso(value.edited_at),
+                "deleted": value.deleted,
+            }
+        case TimelineEntry():
+            return {"at": iso(value.at), "kind": value.kind, "actor": value.actor, "detail": value.detail}
+    raise TypeError(f"no wire form for {type(value).__name__}")
