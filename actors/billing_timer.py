@@ -14,19 +14,19 @@ deadline wins (the restartable single timer of Hypercorn's worker context).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import trio
 
-
-@dataclass(frozen=True, slots=True)
-class BillingDue:
-    """Posted to the session mailbox when the deadline passes."""
+M = TypeVar("M")
 
 
-class BillingTimer:
-    def __init__(self, mailbox: trio.MemorySendChannel) -> None:
+class BillingTimer(Generic[M]):
+    """Posts `wake` (the session's `BillingDue`) into `mailbox` when the deadline passes."""
+
+    def __init__(self, mailbox: trio.MemorySendChannel[M], wake: M) -> None:
         self._mailbox = mailbox
+        self._wake = wake
         self._deadline = math.inf
         self._changed = trio.Event()
 
@@ -51,6 +51,6 @@ class BillingTimer:
                 continue
             self._deadline = math.inf
             try:
-                await self._mailbox.send(BillingDue())
+                await self._mailbox.send(self._wake)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the session has retired

@@ -1,14 +1,17 @@
 """The connection actor: one per WebSocket.
 
-Tasks, all in the connection's own nursery (whichever ends first ends them all):
+Tasks, all in the connection's own nursery (whichever ends it ends them all):
 - the reader owns the protocol: it decodes frames, answers what it can itself
   (`ping`, `chat.history`, errors) and passes the rest to session actors,
   *awaiting* space in their mailboxes, so a flooding client is pushed back by TCP;
-- the writer is the only task that sends on the socket; everything else puts
-  encoded frames into the bounded outbox with `send_nowait`. A full outbox marks
-  the connection a slow consumer and it is closed with 1008, never buffered;
-- the heartbeat pings every `heartbeat` seconds and closes a connection that has
-  sent neither a frame nor a pong for two intervals.
+- the writer is the only task that sends on the socket. Everything else reaches
+  it through the bounded outbox, which sessions fill through the `Delivery` port
+  without waiting; a full outbox makes this a slow consumer, closed with 1008,
+  never buffered. The writer also streams each joined session's offline queue
+  from storage and keeps chat gapless by `seq` (actors/offline_queue.py);
+- the heartbeat pings every `heartbeat` seconds, closes a connection that has
+  sent neither a frame nor a pong for two intervals, and tells the sessions it
+  joined when it was last known alive (billing never checkpoints past that).
 
 When it ends, for any reason, it tells every session it joined that its user
 left, with the last instant it was known alive, so billing stops there.
@@ -16,39 +19,43 @@ left, with the last instant it was known alive, so billing stops there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from domain import metrics
-from domain.clock import WallClock
-from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, Unauthorized
+from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, StorageUnavailable, Unauthorized
 from domain.identity import Identity
 from domain.settings import Settings
-from protocol import wire
+from protocol import replies, wire
 from storage import messages as sm
 from storage.actor import StorageHandle
 
-from .call_session import (
+from .clock import WallClock
+from .directory import SessionDirectory, send_to_session
+from .offline_queue import OfflineQueue
+from .ports import ChatCursor, ChatFrame, ConnectionRef, Outgoing, ToConnection
+from .post_office import PostOffice
+from .session import (
     DeleteChat,
     EditChat,
-    FrameReply,
     JoinSession,
     LeaveSession,
+    MemberAlive,
     RaiseReceipt,
     RelaySignal,
     SendChat,
     SessionGone,
     SessionHandle,
+    SessionMessage,
     SetTyping,
     Transition,
 )
-from .supervise import SupervisorHandle
 
 log = logging.getLogger("parley.connection")
 
@@ -56,13 +63,13 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_SLOW_CONSUMER = 1008
 CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN = 1013
 CLOSE_AUTH = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_POLICY = 4008
 LEAVE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
-PACED_SHARE = 2  # paced sends (the offline queue) fill at most 1/PACED_SHARE of the outbox
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,86 +78,18 @@ class ConnectionContext:
 
     settings: Settings
     storage: StorageHandle
-    supervisor: SupervisorHandle
+    directory: SessionDirectory
+    post_office: PostOffice
     clock: WallClock
     authenticate: Callable[[str], Identity]  # raises Unauthorized
     shutting_down: trio.Event
 
 
-class ConnectionHandle:
-    """What session actors hold of a connection: who it is and a non-blocking send."""
-
-    __slots__ = ("id", "user", "is_admin", "_outbox", "_room", "on_slow")
-
-    def __init__(self, *, id: str, user: str, is_admin: bool, outbox: trio.MemorySendChannel[str]) -> None:
-        self.id = id
-        self.user = user
-        self.is_admin = is_admin
-        self._outbox = outbox
-        self._room = trio.Event()  # set by the writer whenever it takes a frame (or stops)
-        self.on_slow: Callable[[], None] = lambda: None  # set by the connection actor
-
-    def send_nowait(self, frame: str) -> None:
-        """Queue a frame; a full outbox marks this connection a slow consumer."""
-        try:
-            self._outbox.send_nowait(frame)
-        except trio.WouldBlock:
-            self.close_slow_consumer()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    async def send(self, frame: str, *, timeout: float) -> bool:
-        """Queue a frame, waiting up to `timeout` for room (the offline queue's pace).
-
-        It leaves most of the outbox free: while a backlog is paced through, live frames
-        (typing, presence, billing, receipts) still go in with `send_nowait` without
-        finding the outbox full and closing the connection as a slow consumer.
-        """
-        with trio.move_on_after(timeout):
-            while True:
-                stats = self._outbox.statistics()
-                if stats.open_receive_channels == 0:
-                    return False
-                if stats.current_buffer_used < max(1, stats.max_buffer_size // PACED_SHARE):
-                    try:
-                        self._outbox.send_nowait(frame)
-                        return True
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return False
-                    except trio.WouldBlock:
-                        pass
-                self._room = trio.Event()
-                await self._room.wait()
-        self.close_slow_consumer()
-        return False
-
-    def frame_taken(self) -> None:
-        """The writer took a frame from the outbox (or stopped): wake a paced `send`."""
-        self._room.set()
-
-    def close_slow_consumer(self) -> None:
-        """Synchronous, so session actors can call it: the connection closes itself (1008)."""
-        self.on_slow()
-
-    def __repr__(self) -> str:
-        return f"<connection {self.id} of {self.user}>"
-
-
-class _Finished(Exception):
-    """Raised inside the connection's nursery to end it with a close code."""
-
-    def __init__(self, code: int, reason: str, *, dropped: bool = False) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.dropped = dropped
-
-
-def _first_leaf(group: BaseExceptionGroup) -> Any:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    code: int
+    reason: str
+    dropped: bool = False  # the peer went silent: it leaves at its last-alive instant
 
 
 async def serve(ws: WebSocketConnection, ctx: ConnectionContext, *, query_token: str | None) -> None:
@@ -161,15 +100,8 @@ async def serve(ws: WebSocketConnection, ctx: ConnectionContext, *, query_token:
         identity = await _hello(ws, ctx, query_token, conn_id)
         if identity is None:
             return
-        if not await ctx.supervisor.register_connection(identity.user):
-            metrics.ERRORS.labels("rate_limited").inc()
-            await _close(ws, CLOSE_POLICY, "too many connections for this user")
-            return
-        try:
-            await Connection(ws, identity, ctx, conn_id).run()
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
-                await ctx.supervisor.unregister_connection(identity.user)
+        ref = ConnectionRef(id=conn_id, user=identity.user, is_admin=identity.is_admin)
+        await Connection(ws, ref, ctx).run()
     finally:
         metrics.CONNECTIONS.dec()
 
@@ -187,8 +119,7 @@ async def _hello(
     try:
         if token is None:
             with trio.move_on_after(ctx.settings.hello_timeout):
-                text = await ws.get_message()
-                request = wire.decode_request(text)
+                request = wire.decode_request(await ws.get_message())
                 if not isinstance(request, wire.Hello):
                     raise Unauthorized("the first frame must be hello")
                 token = request.token
@@ -213,90 +144,124 @@ async def _hello(
 
 
 class Connection:
-    def __init__(self, ws: WebSocketConnection, identity: Identity, ctx: ConnectionContext, conn_id: str) -> None:
+    def __init__(self, ws: WebSocketConnection, ref: ConnectionRef, ctx: ConnectionContext) -> None:
         self.ws = ws
+        self.ref = ref
         self.ctx = ctx
         self.settings = ctx.settings
-        self.caller = identity
-        outbox_send, self._outbox = trio.open_memory_channel[str](ctx.settings.outbox_frames)
-        self.handle = ConnectionHandle(
-            id=conn_id, user=identity.user, is_admin=identity.is_admin, outbox=outbox_send,
-        )
+        self.caller = ref.identity
+        self._outbox_send, self._outbox = trio.open_memory_channel[Outgoing](ctx.settings.outbox_frames)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
         self.last_alive = trio.current_time()
         self._tokens = float(ctx.settings.frame_burst)
         self._tokens_at = trio.current_time()
         self._strikes = 0
-        self._scope: trio.CancelScope | None = None
-        self._finished: _Finished | None = None  # set when something outside the tasks ends it
-        self.handle.on_slow = self._slow_consumer
+        self._scope = trio.CancelScope()
+        self._finished: _Finished | None = None
+        self._held: collections.deque[ChatFrame | ChatCursor] = collections.deque()  # writer's own
 
-    def _slow_consumer(self) -> None:
+    def _finish(self, code: int, reason: str, *, dropped: bool = False) -> None:
+        """End the connection. The first reason names the close code; if any reason says
+        the peer went silent, it leaves at its last-alive instant (never billed past it)."""
         if self._finished is None:
-            self._finished = _Finished(CLOSE_SLOW_CONSUMER, "slow consumer")
-        if self._scope is not None:
-            self._scope.cancel()
+            self._finished = _Finished(code, reason, dropped)
+        elif dropped and not self._finished.dropped:
+            self._finished = _Finished(self._finished.code, self._finished.reason, True)
+        self._scope.cancel()
+
+    def _put(self, item: Outgoing) -> None:
+        """The connection's own frames go the way sessions' do: a full outbox is a slow consumer."""
+        self.ctx.post_office.deliver(self.ref, item)
 
     # ------------------------------------------------------------ lifetime
 
     async def run(self) -> None:
-        finished = _Finished(CLOSE_NORMAL, "closed")
+        if not self.ctx.post_office.open_box(self.ref, self._outbox_send, on_overrun=self._slow_consumer):
+            metrics.ERRORS.labels("rate_limited").inc()
+            await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
+            return
         try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                if self._finished is not None:  # a slow consumer before it even started
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._watch_shutdown)
+                    await self._reader()
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._heartbeat)
-                nursery.start_soon(self._watch, self.ctx.shutting_down.wait, CLOSE_GOING_AWAY, "server shutting down")
-                await self._reader()
-                nursery.cancel_scope.cancel()
-            if self._finished is not None:
-                finished = self._finished
-        except* _Finished as group:
-            finished = self._finished or _first_leaf(group)
         except* Exception:
-            log.exception("connection %s of %s crashed", self.handle.id, self.caller.user)
-            finished = _Finished(CLOSE_INTERNAL, "internal error")
+            log.exception("connection %s of %s crashed", self.ref.id, self.ref.user)
+            self._finish(CLOSE_INTERNAL, "internal error")
         finally:
+            self.ctx.post_office.close_box(self.ref)
+            finished = self._finished or _Finished(CLOSE_NORMAL, "closed")
             await self._leave_all(finished)
             self._outbox.close()
-            self.handle.frame_taken()
             if finished.code != CLOSE_NORMAL or not self.ws.closed:
                 if finished.code == CLOSE_SLOW_CONSUMER:
                     metrics.SLOW_CONSUMERS.inc()
                 await _close(self.ws, finished.code, finished.reason)
 
+    def _slow_consumer(self) -> None:
+        self._finish(CLOSE_SLOW_CONSUMER, "slow consumer")
+
     async def _leave_all(self, finished: _Finished) -> None:
         last_alive_ms = self.ctx.clock.to_wall_ms(self.last_alive) if finished.dropped else None
         reason = "dropped" if finished.dropped else "closed"
+        message = LeaveSession(conn=self.ref, reason=reason, last_alive_ms=last_alive_ms)
         with trio.CancelScope(shield=True), trio.move_on_after(LEAVE_TIMEOUT):
             for handle in self.joined.values():
                 try:
-                    await handle.send(LeaveSession(
-                        conn_id=self.handle.id, user=self.caller.user, reason=reason, last_alive_ms=last_alive_ms,
-                    ))
+                    await handle.send(message)
                 except SessionGone:
                     pass
 
-    async def _watch(self, wait: Callable[[], Any], code: int, reason: str) -> None:
-        await wait()
-        raise _Finished(code, reason)
+    async def _watch_shutdown(self) -> None:
+        await self.ctx.shutting_down.wait()
+        self._finish(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _writer(self) -> None:
-        async for frame in self._outbox:
-            self.handle.frame_taken()
+        chat = OfflineQueue(self.ctx.storage, self._send, self._send_waiting_frames)
+        while True:
+            item = self._held.popleft() if self._held else await self._outbox.receive()
             try:
-                await self.ws.send_message(frame)
-            except ConnectionClosed:
-                raise _Finished(CLOSE_NORMAL, "send failed", dropped=True) from None
-            metrics.FRAMES_OUT.inc()
+                match item:
+                    case str():
+                        await self._send(item)
+                    case ChatFrame():
+                        await chat.frame(item)
+                    case ChatCursor():
+                        await chat.cursor(item)
+            except (StorageUnavailable, trio.TooSlowError) as exc:
+                log.warning("connection %s: offline queue stopped: %s", self.ref.id, exc)
+                self._finish(CLOSE_TRY_AGAIN, "storage unavailable; reconnect")
+                return
+
+    async def _send_waiting_frames(self) -> None:
+        """While a backlog streams: send the plain frames queued meanwhile; chat waits its turn."""
+        while True:
+            try:
+                item = self._outbox.receive_nowait()
+            except trio.WouldBlock:
+                return
+            if isinstance(item, str):
+                await self._send(item)
+            elif len(self._held) >= self.settings.outbox_frames:  # held chat counts as outbox
+                self._slow_consumer()
+                return
+            else:
+                self._held.append(item)
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await self.ws.send_message(frame)
+        except ConnectionClosed:
+            self._finish(CLOSE_NORMAL, "send failed", dropped=True)
+            await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
+        metrics.FRAMES_OUT.inc()
 
     async def _heartbeat(self) -> None:
         """Ping every `heartbeat` seconds; end a connection silent (no frame, no pong) for two.
-
-        One task and one timer per connection: idle connections are mostly this loop.
-        """
+        After each pong, the sessions it joined hear when it was last known alive."""
         interval = self.settings.heartbeat
         while True:
             with trio.move_on_at(self.last_alive + 2 * interval):
@@ -306,9 +271,16 @@ class Connection:
                 except ConnectionClosed:
                     return  # the reader sees the close and ends the connection
                 self.last_alive = trio.current_time()
+                self._report_alive()
                 continue
             if trio.current_time() >= self.last_alive + 2 * interval:  # frames may have come
-                raise _Finished(CLOSE_POLICY, "heartbeat timeout", dropped=True)
+                self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)
+                return
+
+    def _report_alive(self) -> None:
+        notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
+        for handle in self.joined.values():
+            handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
 
     # ------------------------------------------------------------ reading
 
@@ -321,13 +293,15 @@ class Connection:
                 if code == 1009:
                     metrics.ERRORS.labels("too_large").inc()
                 # 1006: the TCP connection died without a close frame
-                raise _Finished(CLOSE_NORMAL, "closed by client", dropped=code == 1006) from None
+                self._finish(CLOSE_NORMAL, "closed by client", dropped=code == 1006)
+                return
             self.last_alive = trio.current_time()
             metrics.FRAMES_IN.inc()
             if not self._take_token():
                 self._strikes += 1
                 if self._strikes > RATE_LIMIT_STRIKES:
-                    raise _Finished(CLOSE_POLICY, "rate limit exceeded")
+                    self._finish(CLOSE_POLICY, "rate limit exceeded")
+                    return
                 self._fail(wire._ref_of(text), RateLimited("too many frames; slow down"))
                 continue
             self._strikes = 0
@@ -341,7 +315,7 @@ class Connection:
             except ParleyError as exc:
                 self._fail(request.ref, exc)
             except trio.TooSlowError:
-                self._fail(request.ref, ParleyError("the server is overloaded; try again"))
+                self._fail(request.ref, StorageUnavailable("the server is overloaded; try again"))
 
     def _take_token(self) -> bool:
         now = trio.current_time()
@@ -355,84 +329,64 @@ class Connection:
 
     def _fail(self, ref: str | None, error: ParleyError) -> None:
         metrics.ERRORS.labels(error.code).inc()
-        self.handle.send_nowait(wire.error(ref, error.code, error.message, **error.extra))
-
-    def _reply(self, ref: str | None) -> FrameReply:
-        return FrameReply(self.handle, ref)
+        self._put(wire.error(ref, error.code, error.message, **error.extra))
 
     async def _dispatch(self, request: wire.Request) -> None:
-        reply = self._reply(request.ref)
+        reply = ToConnection(conn=self.ref, ref=request.ref)
+        me, caller = self.ref, self.caller
         match request:
             case wire.Ping(ref=ref):
-                self.handle.send_nowait(wire.ok(ref) if ref is not None else wire.event("pong"))
+                self._put(replies.ok_frame(ref, replies.Done()) if ref is not None else wire.event("pong"))
             case wire.Hello():
                 raise Forbidden("already authenticated")
             case wire.Join(session=session_id):
-                await self._join(session_id, reply)
+                self.joined[session_id] = await send_to_session(
+                    self.ctx.directory, session_id, JoinSession(conn=me, reply=reply)
+                )
             case wire.Leave(session=session_id):
                 handle = self.joined.pop(session_id, None)
                 if handle is None:
                     raise NotJoined("not joined to this session")
-                await self._to_session(session_id, handle, LeaveSession(
-                    conn_id=self.handle.id, user=self.caller.user, reason="left", reply=reply,
-                ))
+                await self._to_joined(session_id, LeaveSession(conn=me, reason="left", reply=reply), handle)
             case wire.Signal(session=session_id, to=to, kind=kind, payload=payload):
-                await self._to_joined(session_id, RelaySignal(
-                    conn=self.handle, to=to, kind=kind, payload=bytes(payload), reply=reply,
-                ))
+                await self._to_joined(
+                    session_id, RelaySignal(conn=me, to=to, kind=kind, payload=bytes(payload), reply=reply)
+                )
             case wire.ChatSend(session=session_id, client_id=client_id, body=body):
                 await self._to_joined(session_id, SendChat(
-                    caller=self.caller, conn_id=self.handle.id, client_id=client_id, body=body, reply=reply,
+                    caller=caller, conn_id=me.id, client_id=client_id, body=body, reply=reply,
                 ))
             case wire.ChatReceipt(session=session_id, kind=kind, seq=seq):
-                await self._to_joined(session_id, RaiseReceipt(conn=self.handle, kind=kind, seq=seq, reply=reply))
+                await self._to_joined(session_id, RaiseReceipt(conn=me, kind=kind, seq=seq, reply=reply))
             case wire.Typing(session=session_id, active=active):
-                await self._to_joined(session_id, SetTyping(conn=self.handle, active=active, reply=reply))
+                await self._to_joined(session_id, SetTyping(conn=me, active=active, reply=reply))
             case wire.ChatEdit(session=session_id, id=message_id, body=body):
-                await self._to_any(
-                    session_id, EditChat(caller=self.caller, message_id=message_id, body=body, reply=reply)
-                )
+                await self._to_any(session_id, EditChat(caller=caller, message_id=message_id, body=body, reply=reply))
             case wire.ChatDelete(session=session_id, id=message_id):
-                await self._to_any(session_id, DeleteChat(caller=self.caller, message_id=message_id, reply=reply))
+                await self._to_any(session_id, DeleteChat(caller=caller, message_id=message_id, reply=reply))
             case wire.SessionEnd(session=session_id):
-                await self._to_any(session_id, Transition(caller=self.caller, name="end", reply=reply))
+                await self._to_any(session_id, Transition(caller=caller, name="end", reply=reply))
             case wire.ChatHistory():
-                await self._history(request, reply)
+                await self._history(request)
 
-    async def _join(self, session_id: str, reply: FrameReply) -> None:
-        for _ in range(3):
-            handle = await self.ctx.supervisor.session(session_id)
-            try:
-                await handle.send(JoinSession(conn=self.handle, reply=reply))
-            except SessionGone:
-                continue
-            self.joined[session_id] = handle
-            return
-        raise ParleyError("the session is restarting; try again")
-
-    async def _to_session(self, session_id: str, handle: SessionHandle, message: Any) -> None:
+    async def _to_joined(self, session_id: str, message: SessionMessage, handle: SessionHandle | None = None) -> None:
+        """Requests of a joined connection: a restarted session has forgotten the join."""
+        handle = handle or self.joined.get(session_id)
+        if handle is None:
+            raise NotJoined("join the session first")
         try:
             await handle.send(message)
         except SessionGone:
             self.joined.pop(session_id, None)
             raise NotJoined("not joined to this session (it was restarted)") from None
 
-    async def _to_joined(self, session_id: str, message: Any) -> None:
-        handle = self.joined.get(session_id)
-        if handle is None:
-            raise NotJoined("join the session first")
-        await self._to_session(session_id, handle, message)
-
-    async def _to_any(self, session_id: str, message: Any) -> None:
+    async def _to_any(self, session_id: str, message: SessionMessage) -> None:
         """Requests that need a participant, not a joined connection."""
-        handle = self.joined.get(session_id) or await self.ctx.supervisor.session(session_id)
-        try:
-            await handle.send(message)
-        except SessionGone:
-            self.joined.pop(session_id, None)
-            await (await self.ctx.supervisor.session(session_id)).send(message)
+        handle = await send_to_session(self.ctx.directory, session_id, message, handle=self.joined.get(session_id))
+        if session_id in self.joined:
+            self.joined[session_id] = handle
 
-    async def _history(self, request: wire.ChatHistory, reply: FrameReply) -> None:
+    async def _history(self, request: wire.ChatHistory) -> None:
         session = await self.ctx.storage.read(sm.GetSession(session_id=request.session))
         if not (self.caller.is_admin or session.is_participant(self.caller.user)):
             raise Forbidden("not a participant of this session")
@@ -440,4 +394,5 @@ class Connection:
             session_id=request.session, after_seq=request.after_seq, before_seq=request.before_seq,
             limit=request.limit,
         ))
-        reply.ok(session=request.session, messages=[wire.record(m) for m in page])
+        if request.ref is not None:
+            self._put(wire.ok(request.ref, session=request.session, messages=[wire.record(m) for m in page]))

@@ -1,15 +1,20 @@
-"""The supervisor: owner of the registry of live session actors and of per-user connection counts.
+"""The supervisor: owner of the registry of live session actors (the local `SessionDirectory`).
 
 Only its loop touches the registry; everybody else sends it messages through
 `SupervisorHandle`. It never awaits a session actor: a new actor is created
 synchronously and loads its state in its own task, so one slow session cannot
-stall joins to the others.
+stall lookups of the others.
 
-Session actors are restarted only when they crash while their session is
-active (billing and the orphan timer must keep running), at most
-`RESTART_LIMIT` times in `RESTART_WINDOW` seconds; after that the session
-waits for its next join. A crash is logged and its members get an `error`
-event; the server and the other sessions go on.
+Whether an actor still takes messages is the actor's own decision (it closes its
+mailbox); the registry only ever reads that from the handle. Every actor's exit
+reaches the loop as a `_SessionExited` notice, which its supervising task
+*awaits* to send: a notice is never dropped (the loop never blocks, so the wait
+is short). A session that crashes while active is restarted from storage
+(billing and the orphan timer must keep running), at most `RESTART_LIMIT` times
+in `RESTART_WINDOW` seconds; one more crash escalates as in OTP: the supervisor
+fails with `RestartIntensityExceeded`, and with it the server, whose restart
+resumes every active session from storage. A session is never left active with
+no actor in a server that is still running.
 """
 
 from __future__ import annotations
@@ -17,105 +22,101 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
-from domain import metrics
-from domain.clock import WallClock
-from domain.errors import Internal, StorageUnavailable
-from domain.session import ACTIVE
-from domain.settings import Settings
-from protocol import wire
-from storage.actor import StorageHandle
-
-from .call_session import MAILBOX_SIZE, CallSession, Flush, SessionGone, SessionHandle, SessionMessage
+from .post_office import PostOffice
+from .session import (
+    MAILBOX_SIZE,
+    Flush,
+    SessionActor,
+    SessionContext,
+    SessionCrashed,
+    SessionGone,
+    SessionHandle,
+    SessionMessage,
+)
 
 log = logging.getLogger("parley.supervisor")
 
 MAILBOX = 1024
 RESTART_LIMIT = 3
 RESTART_WINDOW = 30.0
-SESSION_CALL_RETRIES = 3
+ASK_TIMEOUT = 30.0
+
+
+class RestartIntensityExceeded(Exception):
+    """A session kept crashing: escalated to whoever runs the supervisor."""
 
 
 @dataclass(frozen=True, slots=True)
-class _GetSession:
+class _Lookup:
     session_id: str
     reply: trio.MemorySendChannel[SessionHandle]
 
 
 @dataclass(frozen=True, slots=True)
-class _RegisterConnection:
-    user: str
-    reply: trio.MemorySendChannel[bool]
-
-
-@dataclass(frozen=True, slots=True)
-class _UnregisterConnection:
-    user: str
-
-
-@dataclass(frozen=True, slots=True)
 class _SessionExited:
-    actor: CallSession
+    session_id: str
+    handle: SessionHandle
     crashed: bool
+    active: bool  # the session was active when its actor stopped
 
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    reply: trio.MemorySendChannel[dict[str, Any]]
+    reply: trio.MemorySendChannel[SupervisorSnapshot]
 
 
-_Message = _GetSession | _RegisterConnection | _UnregisterConnection | _SessionExited | _Snapshot
+@dataclass(frozen=True, slots=True)
+class _FlushAll:
+    timeout: float
+    done: trio.MemorySendChannel[None]
+
+
+_Message = _Lookup | _SessionExited | _Snapshot | _FlushAll
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SupervisorSnapshot:
+    sessions: tuple[str, ...]  # ids with a live actor, sorted
 
 
 class SupervisorHandle:
+    """The in-process session directory, and the supervisor's few requests."""
+
     def __init__(self, mailbox: trio.MemorySendChannel[_Message]) -> None:
         self._mailbox = mailbox
 
-    async def _ask(self, make: Any, *args: Any) -> Any:
-        send, receive = trio.open_memory_channel[Any](1)
-        with trio.fail_after(30):
+    async def _ask(self, make: type, *args: object) -> object:
+        send, receive = trio.open_memory_channel[object](1)
+        with trio.fail_after(ASK_TIMEOUT):
             await self._mailbox.send(make(*args, send))
             return await receive.receive()
 
-    async def session(self, session_id: str) -> SessionHandle:
+    async def lookup(self, session_id: str) -> SessionHandle:
         """A handle to the session's live actor, starting one if none is running."""
-        return await self._ask(_GetSession, session_id)
+        handle = await self._ask(_Lookup, session_id)
+        assert isinstance(handle, SessionHandle)
+        return handle
 
-    async def call_session(self, session_id: str, make: Any, **fields: Any) -> dict[str, Any]:
-        """Ask the session actor and wait for its answer, retrying if it retired meanwhile."""
-        for _ in range(SESSION_CALL_RETRIES):
-            handle = await self.session(session_id)
-            try:
-                return await handle.call(make, **fields)
-            except SessionGone:
-                continue
-        raise StorageUnavailable("the session actor kept restarting; try again")
+    async def snapshot(self) -> SupervisorSnapshot:
+        snapshot = await self._ask(_Snapshot)
+        assert isinstance(snapshot, SupervisorSnapshot)
+        return snapshot
 
-    async def register_connection(self, user: str) -> bool:
-        return await self._ask(_RegisterConnection, user)
-
-    async def unregister_connection(self, user: str) -> None:
-        try:
-            await self._mailbox.send(_UnregisterConnection(user))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    async def snapshot(self) -> dict[str, Any]:
-        """Counts for tests and /metrics: live sessions and connections per user."""
-        return await self._ask(_Snapshot)
+    async def flush_sessions(self, timeout: float) -> None:
+        """Wait until every live session handled what is queued (leaves from closing
+        connections) and checkpointed its billing: part of graceful shutdown."""
+        with trio.move_on_after(timeout + 1):
+            await self._ask(_FlushAll, timeout)
 
 
 class Supervisor:
-    def __init__(self, *, storage: StorageHandle, settings: Settings, clock: WallClock) -> None:
-        self.storage = storage
-        self.settings = settings
-        self.clock = clock
+    def __init__(self, ctx: SessionContext, *, calls: PostOffice) -> None:
+        self.ctx = ctx
+        self.calls = calls
         self._sessions: dict[str, SessionHandle] = {}
-        self._actors: dict[str, CallSession] = {}
-        self._connections: collections.Counter[str] = collections.Counter()
         self._crashes: dict[str, collections.deque[float]] = {}
         self._mailbox_send, self._mailbox = trio.open_memory_channel[_Message](MAILBOX)
         self._nursery: trio.Nursery | None = None
@@ -141,97 +142,72 @@ class Supervisor:
 
     def _handle(self, message: _Message) -> None:
         match message:
-            case _GetSession(session_id=session_id, reply=reply):
+            case _Lookup(session_id=session_id, reply=reply):
                 handle = self._sessions.get(session_id)
                 if handle is None or handle.retired:
                     handle = self._spawn(session_id)
                 reply.send_nowait(handle)
-            case _RegisterConnection(user=user, reply=reply):
-                allowed = self._connections[user] < self.settings.max_connections_per_user
-                if allowed:
-                    self._connections[user] += 1
-                reply.send_nowait(allowed)
-            case _UnregisterConnection(user=user):
-                self._connections[user] -= 1
-                if self._connections[user] <= 0:
-                    del self._connections[user]
-            case _SessionExited(actor=actor, crashed=crashed):
-                session_id = actor.session_id
-                if self._sessions.get(session_id) is actor.handle:
+            case _SessionExited(session_id=session_id, handle=handle, crashed=crashed, active=active):
+                if self._sessions.get(session_id) is handle:
                     del self._sessions[session_id]
-                    del self._actors[session_id]
-                    if crashed and actor.session is not None and actor.session.state == ACTIVE:
-                        self._maybe_restart(session_id)
+                    if crashed and active:
+                        self._restart(session_id)
             case _Snapshot(reply=reply):
-                reply.send_nowait({
-                    "sessions": sorted(self._sessions),
-                    "connections": dict(self._connections),
-                })
+                reply.send_nowait(SupervisorSnapshot(sessions=tuple(sorted(self._sessions))))
+            case _FlushAll(timeout=timeout, done=done):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._flush, tuple(self._sessions.items()), timeout, done)
             case _:
                 log.warning("supervisor dropped unknown message %r", message)
 
     def _spawn(self, session_id: str) -> SessionHandle:
+        """The one way a session actor starts: fresh mailbox, fresh handle, supervised."""
         assert self._nursery is not None
         send, receive = trio.open_memory_channel[SessionMessage](MAILBOX_SIZE)
-        actor = CallSession(
-            session_id=session_id, storage=self.storage, settings=self.settings, clock=self.clock,
-            mailbox=receive, handle=SessionHandle(session_id, send),
-        )
-        self._sessions[session_id] = actor.handle
-        self._actors[session_id] = actor
-        self._nursery.start_soon(self._supervise_session, actor, name=f"session:{session_id}")
-        return actor.handle
+        handle = SessionHandle(session_id, send)
+        actor = SessionActor(session_id=session_id, ctx=self.ctx, mailbox=receive, handle=handle)
+        self._sessions[session_id] = handle
+        self._nursery.start_soon(self._supervise, actor, name=f"session:{session_id}")
+        return handle
 
-    def _maybe_restart(self, session_id: str) -> None:
+    def _restart(self, session_id: str) -> None:
         now = trio.current_time()
-        crashes = self._crashes.setdefault(session_id, collections.deque(maxlen=RESTART_LIMIT))
+        crashes = self._crashes.setdefault(session_id, collections.deque(maxlen=RESTART_LIMIT + 1))
         crashes.append(now)
-        if len(crashes) == RESTART_LIMIT and now - crashes[0] < RESTART_WINDOW:
-            log.error(
-                "session %s crashed %d times in %ss; not restarting it", session_id, RESTART_LIMIT, RESTART_WINDOW
+        if len(crashes) > RESTART_LIMIT and now - crashes[0] < RESTART_WINDOW:
+            log.critical(
+                "session %s crashed %d times in %ss: escalating", session_id, len(crashes), RESTART_WINDOW
             )
-            return
+            raise RestartIntensityExceeded(f"session {session_id} crashed {len(crashes)} times in {RESTART_WINDOW}s")
         log.warning("restarting session %s", session_id)
         self._spawn(session_id)
 
-    async def _supervise_session(self, actor: CallSession) -> None:
-        """Temporary-with-restart: a crash is contained here, never reaches the server."""
-        crashed = False
+    async def _supervise(self, actor: SessionActor) -> None:
+        """A crash is contained here (logged, reported), never raised into the nursery."""
+        crashed = active = False
         try:
             await actor.run()
-        except Exception:
+        except* SessionCrashed as group:
             crashed = True
-            metrics.SESSION_CRASHES.inc()
-            log.exception("session actor %s crashed", actor.session_id)
-            actor.handle.retired = True
-            frame = wire.error(
-                None, "internal", "the session failed; join it again", session=actor.session_id
-            )
-            for member in actor.members.values():
-                member.conn.send_nowait(frame)
-            actor.refuse_queued_nowait(Internal("the session failed; try again"))
-        finally:
-            actor.handle.retired = True
-            actor.mailbox.close()  # senders now get SessionGone instead of waiting forever
-            try:
-                self._mailbox_send.send_nowait(_SessionExited(actor, crashed))
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                # the registry entry is retired, so the next lookup replaces it anyway
-                pass
+            for exc in group.exceptions:
+                assert isinstance(exc, SessionCrashed)
+                active = active or exc.active
+                log.error("session actor %s crashed", actor.session_id, exc_info=exc.__cause__ or exc)
+        await self._mailbox_send.send(_SessionExited(actor.session_id, actor.handle, crashed, active))
 
-    async def flush_sessions(self, timeout: float) -> None:
-        """Wait until every live session handled what is queued (leaves from closing
-        connections) and checkpointed its billing: part of graceful shutdown."""
+    async def _flush(
+        self, sessions: tuple[tuple[str, SessionHandle], ...], timeout: float, done: trio.MemorySendChannel[None]
+    ) -> None:
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                for handle in list(self._sessions.values()):
-                    nursery.start_soon(self._flush_one, handle)
+                for session_id, handle in sessions:
+                    nursery.start_soon(self._flush_one, session_id, handle)
+        done.send_nowait(None)
 
-    @staticmethod
-    async def _flush_one(handle: SessionHandle) -> None:
-        try:
-            await handle.call(Flush)
-        except (SessionGone, trio.TooSlowError):
-            pass
-        except Exception:
-            log.exception("flushing session %s failed", handle.session_id)
+    async def _flush_one(self, session_id: str, handle: SessionHandle) -> None:
+        with self.calls.call() as (reply_to, answer):
+            try:
+                await handle.send(Flush(reply=reply_to))
+            except SessionGone:
+                return  # retired meanwhile: it had nothing to checkpoint
+            await answer.receive()

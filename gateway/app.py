@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import trio
@@ -34,8 +34,10 @@ from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.call_session import DeleteChat, EditChat, GetLiveBilling, SendChat, Transition
 from actors.connection import ConnectionContext
+from actors.directory import call_session
+from actors.ports import ReplyTo
+from actors.session import DeleteChat, EditChat, GetLiveBilling, SendChat, SessionMessage, Transition
 from domain import metrics
 from domain import session as lifecycle
 from domain.billing import amount_minor
@@ -53,10 +55,12 @@ from domain.errors import (
 from domain.identity import Identity
 from domain.session import SessionRecord
 from domain.timeline import CREATED, TimelineEntry
-from protocol import wire
+from protocol import replies, wire
 from storage import messages as sm
 
 from . import schemas
+
+R = TypeVar("R")
 
 STATIC = Path(__file__).parent / "static"
 IDEMPOTENCY_KEY_CHARS = 128
@@ -71,7 +75,7 @@ def _error(error: ParleyError) -> Response:
     return _json({"error": {"code": error.code, "message": error.message, **error.extra}}, error.status)
 
 
-def _billing_wire(session: SessionRecord, state: sm.BillingState | None) -> dict:
+def _billing_wire(session: SessionRecord, state: sm.BillingState | replies.LiveBilling | None) -> dict:
     segments = state.segments if state else ()
     billable = sum(end - start for start, end in segments)
     return {
@@ -90,7 +94,13 @@ def _billing_wire(session: SessionRecord, state: sm.BillingState | None) -> dict
 def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> QuartTrio:
     settings = services.settings
     storage = services.storage
-    supervisor = services.supervisor
+
+    async def ask(session_id: str, make: Callable[[ReplyTo], SessionMessage], answer: type[R]) -> R:
+        """Ask the session's actor and wait for its typed answer."""
+        result = await call_session(services.directory, services.post_office, session_id, make)
+        assert isinstance(result, answer), result
+        return result
+
     app = QuartTrio("parley", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     QuartSchema(
@@ -142,7 +152,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             if scheme.lower() != "bearer" or not token:
                 raise Unauthorized("send Authorization: Bearer <token>")
             identity = services.authenticate(token.strip())
-            g.caller = Identity(user=identity.user, is_admin=identity.is_admin)
+            g.caller = identity
             return await handler(*args, **kwargs)
 
         return wrapper
@@ -222,8 +232,10 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             if earlier is not None:
                 return Response(earlier[1], status=earlier[0], content_type="application/json")
         try:
-            result = await supervisor.call_session(session_id, Transition, caller=caller, name=name)
-            response = _json(result["session"])
+            changed = await ask(
+                session_id, lambda reply: Transition(caller=caller, name=name, reply=reply), replies.SessionChanged
+            )
+            response = _json(wire.record(changed.session))
         except Conflict as exc:
             response = _error(exc)
         if key is not None:
@@ -261,8 +273,9 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         """The bill: live while active, final once ended."""
         session = await visible_session(session_id)
         if session.state == lifecycle.ACTIVE:
-            result = await supervisor.call_session(session_id, GetLiveBilling, caller=g.caller)
-            return _json(_billing_wire(session, result["billing"]))
+            caller = g.caller
+            live = await ask(session_id, lambda reply: GetLiveBilling(caller=caller, reply=reply), replies.LiveBilling)
+            return _json(_billing_wire(session, live))
         state = await storage.read(sm.GetBilling(session_id=session_id))
         return _json(_billing_wire(session, state))
 
@@ -299,11 +312,11 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         caller: Identity = g.caller
         if not session.is_participant(caller.user):
             raise Forbidden("only participants may write to this session's chat")
-        result = await supervisor.call_session(
-            session_id, SendChat, caller=caller, conn_id=None, client_id=data.client_id, body=data.body,
-        )
+        accepted = await ask(session_id, lambda reply: SendChat(
+            caller=caller, conn_id=None, client_id=data.client_id, body=data.body, reply=reply,
+        ), replies.ChatAccepted)
         # a repeat answers exactly as the first time did (201 + the original message)
-        return _json(result["message"], 201)
+        return _json({**wire.record(accepted.message), "session": session_id}, 201)
 
     @app.get("/api/sessions/<session_id>/messages/<message_id>")
     @document_response(schemas.Message)
@@ -320,10 +333,11 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     async def edit_message(session_id: str, message_id: str, data: schemas.EditMessage) -> Response:
         """Only the sender may edit."""
         await visible_session(session_id)
-        result = await supervisor.call_session(
-            session_id, EditChat, caller=g.caller, message_id=message_id, body=data.body,
-        )
-        return _json(result["message"])
+        caller = g.caller
+        changed = await ask(session_id, lambda reply: EditChat(
+            caller=caller, message_id=message_id, body=data.body, reply=reply,
+        ), replies.ChatChanged)
+        return _json({**wire.record(changed.message), "session": session_id})
 
     @app.delete("/api/sessions/<session_id>/messages/<message_id>")
     @document_response(schemas.Message)
@@ -331,8 +345,11 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     async def delete_message(session_id: str, message_id: str) -> Response:
         """The sender or an admin may delete; the message keeps its id and seq, loses its body."""
         await visible_session(session_id)
-        result = await supervisor.call_session(session_id, DeleteChat, caller=g.caller, message_id=message_id)
-        return _json(result["message"])
+        caller = g.caller
+        changed = await ask(
+            session_id, lambda reply: DeleteChat(caller=caller, message_id=message_id, reply=reply), replies.ChatChanged
+        )
+        return _json({**wire.record(changed.message), "session": session_id})
 
     # ------------------------------------------------------------ TURN
 

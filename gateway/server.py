@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import trio
 
+from actors.clock import WallClock
 from actors.connection import ConnectionContext
+from actors.post_office import PostOffice
+from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
-from domain.clock import WallClock
 from domain.settings import Settings
 from storage import messages as sm
 from storage.actor import StorageActor, StorageHandle
@@ -41,6 +43,7 @@ class Running:
     port: int
     storage: StorageHandle
     supervisor: SupervisorHandle
+    post_office: PostOffice
     context: ConnectionContext
     secret: str
 
@@ -63,11 +66,14 @@ async def serve(
         active = await storage.write(sm.ReconcileAfterRestart(now=clock.now_ms()))
         if active:
             log.info("resuming %d active sessions", len(active))
-        supervisor = Supervisor(storage=storage, settings=settings, clock=clock)
+        post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
+        supervisor = Supervisor(
+            SessionContext(storage=storage, settings=settings, clock=clock, delivery=post_office), calls=post_office
+        )
         async with trio.open_nursery() as session_nursery:
             supervisor_handle = await session_nursery.start(functools.partial(supervisor.run, resume=active))
             context = ConnectionContext(
-                settings=settings, storage=storage, supervisor=supervisor_handle, clock=clock,
+                settings=settings, storage=storage, directory=supervisor_handle, post_office=post_office, clock=clock,
                 authenticate=TokenVerifier(secret), shutting_down=trio.Event(),
             )
             app = create_app(context, mint=functools.partial(mint_token, secret))
@@ -80,7 +86,8 @@ async def serve(
                 )
                 log.info("listening on http://%s:%d", settings.host, port)
                 task_status.started(Running(
-                    port=port, storage=storage, supervisor=supervisor_handle, context=context, secret=secret,
+                    port=port, storage=storage, supervisor=supervisor_handle, post_office=post_office,
+                    context=context, secret=secret,
                 ))
                 await shutdown.wait()
                 log.info("shutting down: closing connections")
@@ -90,7 +97,7 @@ async def serve(
                 context.shutting_down.set()
                 edge_nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
             log.info("checkpointing sessions")
-            await supervisor.flush_sessions(SESSION_FLUSH_TIMEOUT)
+            await supervisor_handle.flush_sessions(SESSION_FLUSH_TIMEOUT)
             session_nursery.cancel_scope.cancel()
         log.info("flushing storage")
         await storage.aclose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.call_session import FrameReply, SendChat, SetTyping
+from actors.session import SendChat, SetTyping
 from domain.identity import Identity
 
 from .billing.harness import Peer, world
@@ -14,18 +14,18 @@ async def test_queued_sends_share_one_commit_and_keep_mailbox_order(autojump_clo
         alice, bob = Peer("payer"), Peer("provider")
         await w.join(alice, sid)
         await w.join(bob, sid)
-        handle = await w.supervisor.session(sid)
+        handle = await w.supervisor.lookup(sid)
         before = w.storage.statistics()
         caller = Identity(user="payer")
 
         def chat(n: int) -> SendChat:
-            return SendChat(caller=caller, conn_id=alice.handle.id, client_id=f"c{n}", body=f"message {n}",
-                            reply=FrameReply(alice.handle, f"r{n}"))
+            return SendChat(caller=caller, conn_id=alice.ref.id, client_id=f"c{n}", body=f"message {n}",
+                            reply=alice.reply_to(f"r{n}"))
 
         # queued without a checkpoint in between: the actor finds them all waiting
         for n in range(1, 21):
             handle._mailbox.send_nowait(chat(n))
-        handle._mailbox.send_nowait(SetTyping(conn=alice.handle, active=True, reply=FrameReply(alice.handle, "t")))
+        handle._mailbox.send_nowait(SetTyping(conn=alice.ref, active=True, reply=alice.reply_to("t")))
         for n in range(21, 41):
             handle._mailbox.send_nowait(chat(n))
         await w.settle()
@@ -50,15 +50,16 @@ async def test_a_refused_send_in_a_batch_does_not_stop_the_others(autojump_clock
         alice, bob, stranger = Peer("payer"), Peer("provider"), Peer("payer")
         await w.join(alice, sid)
         await w.join(bob, sid)
-        handle = await w.supervisor.session(sid)
+        w.connect(stranger)
+        handle = await w.supervisor.lookup(sid)
         caller = Identity(user="payer")
         for n, conn in enumerate([alice, stranger, alice], start=1):  # the stranger is not joined
             handle._mailbox.send_nowait(SendChat(
-                caller=caller, conn_id=conn.handle.id, client_id=f"c{n}", body="hi",
-                reply=FrameReply(conn.handle, f"r{n}"),
+                caller=caller, conn_id=conn.ref.id, client_id=f"c{n}", body="hi",
+                reply=conn.reply_to(f"r{n}"),
             ))
         handle._mailbox.send_nowait(SendChat(  # a repeat of c1: the original comes back
-            caller=caller, conn_id=alice.handle.id, client_id="c1", body="again", reply=FrameReply(alice.handle, "r4"),
+            caller=caller, conn_id=alice.ref.id, client_id="c1", body="again", reply=alice.reply_to("r4"),
         ))
         await w.settle()
         assert stranger.reply("r2")["code"] == "not_joined"

@@ -112,7 +112,7 @@ async def test_connections_per_user_limit_closes_4008(make_server):
             await still_open(bob)
     # the count went down when they closed
     with trio.fail_after(5):
-        while (await server.running.supervisor.snapshot())["connections"]:
+        while server.running.post_office.statistics().connections:
             await trio.sleep(0.01)
     async with server.client("alice") as again:
         await still_open(again)

@@ -23,9 +23,11 @@ import trio.testing
 import trio_websocket
 
 from actors import connection
+from actors.clock import WallClock
 from actors.connection import ConnectionContext
+from actors.post_office import PostOffice
+from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
-from domain.clock import WallClock
 from domain.session import SessionRecord
 from domain.settings import Settings
 from domain.timeline import CREATED, TimelineEntry
@@ -227,7 +229,8 @@ class World:
         return client, ws, side
 
     async def snapshot(self) -> dict[str, Any]:
-        return await self.supervisor.snapshot()
+        sessions = (await self.supervisor.snapshot()).sessions
+        return {"sessions": list(sessions), "connections": self.ctx.post_office.statistics().connections}
 
 
 @asynccontextmanager
@@ -238,9 +241,11 @@ async def open_world(tmp_path: Path, **overrides: Any) -> AsyncIterator[World]:
     async with trio.open_nursery() as nursery:
         storage = await nursery.start(StorageActor(SqliteBackend(tmp_path / "parley.sqlite3", synchronous="NORMAL"), inline=True).run)
         clock = WallClock()
-        supervisor = await nursery.start(Supervisor(storage=storage, settings=settings, clock=clock).run)
+        post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
+        session_ctx = SessionContext(storage=storage, settings=settings, clock=clock, delivery=post_office)
+        supervisor = await nursery.start(Supervisor(session_ctx, calls=post_office).run)
         ctx = ConnectionContext(
-            settings=settings, storage=storage, supervisor=supervisor, clock=clock,
+            settings=settings, storage=storage, directory=supervisor, post_office=post_office, clock=clock,
             authenticate=TokenVerifier(SECRET), shutting_down=trio.Event(),
         )
         yield World(settings=settings, storage=storage, supervisor=supervisor, ctx=ctx, nursery=nursery)

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors.call_session import CallSession
+from actors.session import presence
 from domain import metrics
 from parley_client import RequestError
 
@@ -133,16 +133,16 @@ async def test_session_crash_mid_signal_is_contained(autojump_clock, world, monk
             await alice.request("join", session=session)
             await bob.request("join", session=session)
 
-        original = CallSession._signal
+        original = presence.relay_signal
         armed = {crashing}
 
-        def crash_once(self, message):
-            if self.session_id in armed:
-                armed.discard(self.session_id)
+        def crash_once(session, message):
+            if session.session_id in armed:
+                armed.discard(session.session_id)
                 raise RuntimeError("injected crash in the middle of a signal")
-            return original(self, message)
+            return original(session, message)
 
-        monkeypatch.setattr(CallSession, "_signal", crash_once)
+        monkeypatch.setattr(presence, "relay_signal", crash_once)
         crashes_before = metrics.SESSION_CRASHES._value.get()
         with pytest.raises(RequestError) as err:
             await alice.request("signal", session=crashing, to="bob", kind="offer", payload={}, timeout=5)

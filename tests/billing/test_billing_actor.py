@@ -28,7 +28,8 @@ async def test_ticks_push_billing_to_payer_and_provider_and_checkpoint(autojump_
         assert all(f["currency"] == "EUR" for f in ticks)
         assert [f["billable_ms"] for f in provider.frames("billing")] == [0, 5000, 10000]
         stored = await w.stored_billing(sid)
-        assert stored.billable_ms == 10000 and stored.open and not stored.final
+        # a checkpoint holds no time past the last pong each member answered (every second here)
+        assert 10000 - 1000 <= stored.billable_ms <= 10000 and stored.open and not stored.final
         assert guest_view is None
 
 
@@ -167,7 +168,7 @@ async def test_restart_resumes_from_the_checkpoint_without_billing_downtime(auto
         # leaving the block cancels everything at once, like a crash: nothing more is written
     down_for_ms = 3_600_000
     async with world(path, epoch_ms=w.clock.now_ms() + down_for_ms, billing_tick=5.0) as w2:
-        assert (await w2.stored_billing(sid)).billable_ms == 10_000
+        assert 9_000 <= (await w2.stored_billing(sid)).billable_ms <= 10_000  # up to the last pong
         gap = [e for e in await w2.timeline(sid) if e.kind == BILLING_GAP]
         assert len(gap) == 1
         payer, provider = Peer("payer"), Peer("provider")
@@ -178,7 +179,8 @@ async def test_restart_resumes_from_the_checkpoint_without_billing_downtime(auto
         final = await w2.stored_billing(sid)
         really_both_present_ms = 12_000 + 5_000
         assert final.billable_ms <= really_both_present_ms
-        assert really_both_present_ms - final.billable_ms <= 5_000  # at most one tick lost
+        # at most one tick lost, plus the time since the last pong each had answered
+        assert really_both_present_ms - final.billable_ms <= 5_000 + 1_000
 
 
 async def test_a_session_left_active_by_a_crash_is_orphaned_after_restart(autojump_clock, tmp_path):
@@ -206,13 +208,13 @@ async def test_billing_survives_a_storage_outage(autojump_clock, tmp_path):
         await trio.sleep_until(start + 16)
         # the meter kept moving for the users; the database kept the last good checkpoint
         assert [f["billable_ms"] for f in payer.frames("billing")][-1] == 15_000
-        assert (await w.stored_billing(sid)).billable_ms == 5_000
+        assert 4_000 <= (await w.stored_billing(sid)).billable_ms <= 5_000  # up to the last pong
         with pytest.raises(StorageUnavailable):
             await w.transition(sid, "end", user="payer")
         assert (await w.session(sid)).state == "active"  # nothing half-written
         backend.failing = False
         await trio.sleep_until(start + 21)
-        assert (await w.stored_billing(sid)).billable_ms == 20_000
+        assert 19_000 <= (await w.stored_billing(sid)).billable_ms <= 20_000
         await w.transition(sid, "end", user="payer")
         final = await w.stored_billing(sid)
         assert final.final and final.billable_ms == 21_000

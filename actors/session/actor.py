@@ -1,0 +1,375 @@
+"""The session actor: one per live session; its loop, its handle, its lifetime.
+
+It owns the session's membership (one live connection per user), routes
+signaling between joined participants, orders chat, runs the lifecycle
+transitions and the billing ledger, and ends an active session nobody has been
+connected to for `orphan_timeout`. The handlers live beside this module, one
+per concern (presence, chat, lifecycle, billing); this module is the loop that
+takes one message at a time and hands it to them, so all of the session's state
+is only ever touched by this one task.
+
+It is alive while the session is active or anybody is joined; everything it
+knows beyond that is in storage, so a later join or REST call starts it again.
+
+Mailbox: bounded (`MAILBOX_SIZE`). Connections and the REST app *await* space in
+it (TCP pushes back on a flooding client); notices (`MemberAlive`, billing
+wake-ups) are sent without waiting and a full mailbox drops them, which only
+makes billing more conservative. The actor itself never waits on a connection:
+everything it sends goes through the `Delivery` port, which never blocks. It does
+wait on storage, under the storage handle's deadline.
+
+Time: every instant this session stores comes from `now_ms()`, the process's
+wall clock plus an offset fixed when the actor loads. The offset is what keeps
+the session's instants from going backwards when the system clock was stepped
+back while the server was down; durations always come from Trio's monotonic clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+from domain import metrics
+from domain.billing import Ledger
+from domain.errors import Internal, NotFound, ParleyError, StorageUnavailable
+from domain.identity import Identity
+from domain.session import ACTIVE, SessionRecord
+from domain.settings import Settings
+from protocol import wire
+from protocol.replies import Done, Reply
+from storage import messages as sm
+from storage.actor import StorageHandle
+
+from ..billing_timer import BillingTimer
+from ..clock import WallClock
+from ..ports import ConnectionRef, Delivery, Outgoing, ReplyTo
+from . import billing, chat, lifecycle, presence
+from .messages import (
+    BillingDue,
+    DeleteChat,
+    EditChat,
+    Flush,
+    GetLiveBilling,
+    JoinSession,
+    LeaveSession,
+    MemberAlive,
+    RaiseReceipt,
+    RelaySignal,
+    SendChat,
+    SessionMessage,
+    SetTyping,
+    Transition,
+)
+from .presence import Member
+
+log = logging.getLogger("parley.session")
+
+MAILBOX_SIZE = 256
+IDLE_GRACE = 5.0  # an actor started for a request that never came retires after this long
+CHAT_BATCH = 64  # chat sends stored in one round trip
+
+
+class SessionGone(Exception):
+    """The session actor has retired; look the session up again."""
+
+
+class SessionHandle:
+    """The session's id and mailbox: what a directory lookup hands out."""
+
+    __slots__ = ("session_id", "_mailbox")
+
+    def __init__(self, session_id: str, mailbox: trio.MemorySendChannel[SessionMessage]) -> None:
+        self.session_id = session_id
+        self._mailbox = mailbox
+
+    @property
+    def retired(self) -> bool:
+        """True once the actor closed its mailbox: the actor alone decides that."""
+        return self._mailbox.statistics().open_receive_channels == 0
+
+    async def send(self, message: SessionMessage) -> None:
+        try:
+            await self._mailbox.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise SessionGone(self.session_id) from None
+
+    def send_nowait(self, message: SessionMessage) -> bool:
+        """For notices: False when the mailbox is full or closed (the notice is dropped)."""
+        try:
+            self._mailbox.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def timer_mailbox(self) -> trio.MemorySendChannel[SessionMessage]:
+        return self._mailbox.clone()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionContext:
+    """What every session actor needs from the process."""
+
+    storage: StorageHandle
+    settings: Settings
+    clock: WallClock
+    delivery: Delivery
+
+
+class SessionCrashed(Exception):
+    """A session actor failed; `active` says whether its session was active (restart it)."""
+
+    def __init__(self, session_id: str, *, active: bool) -> None:
+        super().__init__(f"session {session_id} crashed")
+        self.session_id = session_id
+        self.active = active
+
+
+@dataclass(eq=False)
+class SessionActor:
+    session_id: str
+    ctx: SessionContext
+    mailbox: trio.MemoryReceiveChannel[SessionMessage]
+    handle: SessionHandle
+    session: SessionRecord | None = None
+    members: dict[str, Member] = field(default_factory=dict)
+    last_seq: int = 0
+    ledger: Ledger | None = None
+    billing_final: bool = False
+    orphan_since: float | None = None  # Trio time since nobody is joined (active sessions)
+    next_tick_ms: int | None = None
+    timer: BillingTimer[SessionMessage] | None = None
+    offset_ms: int = 0  # added to the process's wall clock for this session's instants
+    _taken: collections.deque[SessionMessage] = field(default_factory=collections.deque)
+    _idle_until: float = math.inf  # an idle actor retires once this has passed
+    _nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ what handlers use
+
+    @property
+    def storage(self) -> StorageHandle:
+        return self.ctx.storage
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    def now_ms(self) -> int:
+        return self.ctx.clock.now_ms() + self.offset_ms
+
+    def to_session_ms(self, wall_ms: int) -> int:
+        """An instant the process's clock gave (a connection's last pong) in session time."""
+        return wall_ms + self.offset_ms
+
+    def reply(self, to: ReplyTo | None, result: Reply | ParleyError) -> None:
+        if to is not None:
+            self.ctx.delivery.reply(to, result)
+
+    def deliver(self, conn: ConnectionRef, item: Outgoing) -> None:
+        self.ctx.delivery.deliver(conn, item)
+
+    def broadcast(self, item: Outgoing, *, exclude: str | None = None, users: tuple[str, ...] | None = None) -> None:
+        for user, member in self.members.items():
+            if user != exclude and (users is None or user in users):
+                self.ctx.delivery.deliver(member.conn, item)
+
+    def may_see(self, caller: Identity) -> None:
+        presence.check_participant(self, caller)
+
+    # ------------------------------------------------------------ lifetime
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until retired. A crash answers what is queued, then raises SessionCrashed."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.timer = BillingTimer(self.handle.timer_mailbox(), BillingDue())
+            nursery.start_soon(self.timer.run)
+            task_status.started()
+            try:
+                await self._live()
+            except Exception as exc:
+                self._crashed()
+                raise SessionCrashed(
+                    self.session_id, active=self.session is not None and self.session.state == ACTIVE
+                ) from exc
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _live(self) -> None:
+        try:
+            await self._load()
+        except (NotFound, StorageUnavailable, trio.TooSlowError) as exc:
+            error = exc if isinstance(exc, ParleyError) else StorageUnavailable("storage did not answer")
+            self._refuse_queued(error)
+            return
+        metrics.SESSIONS.inc()
+        try:
+            await self._serve()
+        finally:
+            metrics.SESSIONS.dec()
+            if self.ledger is not None and self.ledger.is_open:
+                metrics.BILLING_ACTIVE.dec()
+
+    async def _load(self) -> None:
+        storage = self.storage
+        self.session = await storage.read(sm.GetSession(session_id=self.session_id))
+        self.last_seq, _ = await storage.read(sm.GetChatState(session_id=self.session_id, user=""))
+        state = await storage.read(sm.GetBilling(session_id=self.session_id)) if self.session.state == ACTIVE else None
+        latest = max(
+            [t for t in (self.session.started_at, self.session.created_at) if t is not None]
+            + ([state.checkpoint_at] if state and state.checkpoint_at else [])
+            + [end for _, end in (state.segments if state else ())]
+        )
+        self.offset_ms = max(0, latest - self.ctx.clock.now_ms())
+        if self.offset_ms:
+            log.warning("session %s: the clock is %d ms behind its last stored instant; its instants keep going "
+                        "forward from there", self.session_id, self.offset_ms)
+        if self.session.state == ACTIVE:
+            self.ledger = Ledger(
+                rate_per_minute=self.session.rate_per_minute,
+                max_amount_minor=self.session.max_amount_minor,
+                segments=list(state.segments) if state else [],
+            )
+            self.orphan_since = trio.current_time()
+        self._idle_until = trio.current_time() + IDLE_GRACE
+
+    def _crashed(self) -> None:
+        """The actor is failing: its members hear so, and every queued request gets its answer."""
+        metrics.SESSION_CRASHES.inc()
+        self.broadcast(wire.error(None, "internal", "the session failed; join it again", session=self.session_id))
+        self._refuse_queued(Internal("the session failed; try again"))
+
+    def _refuse_queued(self, error: ParleyError) -> None:
+        """Answer everything taken or queued with `error`, then close the mailbox (no await
+        in between, so nothing can slip in after the last look)."""
+        while True:
+            if self._taken:
+                message = self._taken.popleft()
+            else:
+                try:
+                    message = self.mailbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            self.reply(getattr(message, "reply", None), error)
+        self.mailbox.close()
+
+    async def _serve(self) -> None:
+        while True:
+            if self._taken:
+                await self._dispatch(self._taken.popleft())
+            else:
+                deadline = self._next_deadline()
+                if deadline == math.inf:  # the common case: no timer to arm
+                    message = await self.mailbox.receive()
+                else:
+                    message = None
+                    with trio.move_on_at(deadline):
+                        message = await self.mailbox.receive()
+                if message is None:
+                    await self._on_deadline()
+                else:
+                    self._idle_until = -math.inf  # from now on, idle means retire at once
+                    await self._dispatch(message)
+            if self._idle() and not self._taken and trio.current_time() >= self._idle_until:
+                if not self._take_one_nowait():
+                    self.mailbox.close()
+                    return
+
+    def _take_one_nowait(self) -> bool:
+        try:
+            self._taken.append(self.mailbox.receive_nowait())
+        except trio.WouldBlock:
+            return False
+        return True
+
+    def _idle(self) -> bool:
+        assert self.session is not None
+        return not self.members and self.session.state != ACTIVE
+
+    def _next_deadline(self) -> float:
+        deadline = self._idle_until if self._idle() else math.inf
+        if self.orphan_since is not None and not self.members:
+            deadline = min(deadline, self.orphan_since + self.settings.orphan_timeout)
+        for member in self.members.values():
+            if member.typing_until is not None:
+                deadline = min(deadline, member.typing_until)
+        return deadline
+
+    async def _on_deadline(self) -> None:
+        now = trio.current_time()
+        presence.expire_typing(self, now)
+        if self.orphan_since is not None and not self.members:
+            await lifecycle.end_if_orphaned(self, now)
+
+    def take_chat_batch(self, first: SendChat) -> list[SendChat]:
+        """`first` and the chat sends queued right behind it, so one storage round trip (one
+        group commit) serves them all. The first other message stops the batch and is
+        handled next: the mailbox order is never changed."""
+        batch = [first]
+        while len(batch) < CHAT_BATCH and not self._taken:
+            try:
+                message = self.mailbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(message, SendChat):
+                batch.append(message)
+            else:
+                self._taken.append(message)
+        return batch
+
+    def start_soon(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _dispatch(self, message: SessionMessage) -> None:
+        reply = getattr(message, "reply", None)
+        try:
+            match message:
+                case JoinSession():
+                    await presence.join(self, message)
+                case LeaveSession():
+                    await presence.leave(self, message)
+                case MemberAlive():
+                    presence.alive(self, message)
+                case RelaySignal():
+                    presence.relay_signal(self, message)
+                case SetTyping():
+                    presence.typing(self, message)
+                case SendChat():
+                    await chat.send(self, self.take_chat_batch(message))
+                case EditChat() | DeleteChat():
+                    await chat.change(self, message)
+                case RaiseReceipt():
+                    await chat.receipt(self, message)
+                case Transition():
+                    await lifecycle.transition(self, message)
+                case GetLiveBilling():
+                    billing.live(self, message)
+                case BillingDue():
+                    await billing.due(self)
+                case Flush():
+                    await billing.checkpoint(self)
+                    self.reply(message.reply, Done())
+                case _:
+                    log.warning("session %s: dropped unknown message %r", self.session_id, message)
+        except ParleyError as exc:
+            if reply is not None:
+                self.reply(reply, exc)
+            elif isinstance(exc, StorageUnavailable):
+                log.error("session %s: %s", self.session_id, exc)
+            else:
+                raise
+        except trio.TooSlowError:
+            if reply is not None:
+                self.reply(reply, StorageUnavailable("storage did not answer in time"))
+            else:
+                log.error("session %s: storage did not answer in time", self.session_id)
+        except Exception:
+            # the actor is crashing: the request it was serving gets its one reply first
+            # (a chat batch has answered each of its messages already)
+            if reply is not None and not isinstance(message, SendChat):
+                self.reply(reply, Internal("the session failed; try again"))
+            raise
