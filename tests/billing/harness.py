@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ from actors.call_session import Caller, FrameReply, GetLiveBilling, JoinSession,
 from actors.connection import ConnectionHandle
 from actors.supervise import Supervisor, SupervisorHandle
 from domain.clock import WallClock
+from domain.errors import StorageUnavailable
 from domain.session import SessionRecord
 from domain.settings import Settings
 from domain.timeline import CREATED, TimelineEntry
@@ -34,13 +34,13 @@ _ids = itertools.count(1)
 
 
 class FlakyBackend(SqliteBackend):
-    """Real SQLite, with an I/O error injected at the backend boundary while `failing`."""
+    """Real SQLite, failing every write as the backend does on an I/O error while `failing`."""
 
     failing = False
 
     def write(self, conn: Any, request: Any) -> Any:
         if self.failing:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StorageUnavailable("disk I/O error")
         return super().write(conn, request)
 
 

@@ -27,7 +27,8 @@ from gateway.server import Running, serve
 from parley_client import RequestError, connect
 from storage import messages as sm
 from storage.actor import StorageActor, StorageHandle
-from storage.schema import SCHEMA_VERSION, migrate
+from storage.schema import SCHEMA_VERSION
+from storage.sqlite_backend import migrate
 from storage.sqlite_backend import SqliteBackend
 from tests.conftest import SECRET, test_settings
 
@@ -139,13 +140,13 @@ class GatedBackend(SqliteBackend):
         super().__init__(path)
         self.hold = False
         self.held = threading.Event()
-        self.release = threading.Event()
+        self.resume = threading.Event()
 
     def begin(self, conn: sqlite3.Connection) -> None:
         if self.hold:
             self.hold = False
             self.held.set()
-            self.release.wait(10)
+            self.resume.wait(10)
         super().begin(conn)
 
 
@@ -175,7 +176,7 @@ async def test_a_refused_request_does_not_undo_its_batch_neighbours(tmp_path):
                 nursery.start_soon(attempt, "last", new_session("last"))
                 while storage.statistics().queued < 5:
                     await trio.sleep(0.001)
-                backend.release.set()
+                backend.resume.set()
             after = storage.statistics()
             first = await storage.read(sm.GetSession(session_id="first"))
             last = await storage.read(sm.GetSession(session_id="last"))
@@ -248,7 +249,7 @@ class FlakyBackend(SqliteBackend):
     def write(self, conn: sqlite3.Connection, request: sm.WriteRequest) -> Any:
         result = super().write(conn, request)
         if self.failing:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StorageUnavailable("disk I/O error")
         return result
 
 
