@@ -21,7 +21,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
-from domain.errors import Internal, StorageUnavailable
+from domain.errors import BadRequest, Internal, StorageUnavailable
 
 from .schema import POSTGRES_MIGRATIONS, SCHEMA_VERSION
 from .sql import SqlBackend
@@ -75,9 +75,11 @@ class PostgresBackend(SqlBackend):
     def driver_errors(self) -> Iterator[None]:
         try:
             yield
-        except (psycopg.IntegrityError, psycopg.DataError) as exc:
+        except psycopg.IntegrityError as exc:
             log.error("the database refused a write: %s", exc)
             raise Internal("the write was refused by the database") from exc
+        except psycopg.DataError as exc:  # a NUL character in text, an integer beyond 64 bits
+            raise BadRequest(f"a value the database cannot store: {exc}") from exc
         except psycopg.Error as exc:  # unreachable, restarted, read-only, disk full, deadlock, ...
             raise StorageUnavailable(f"storage unavailable: {exc}") from exc
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from domain.errors import Internal, StorageUnavailable
+from domain.errors import BadRequest, Internal, StorageUnavailable
 
 from .schema import SCHEMA_VERSION, SQLITE_MIGRATIONS
 from .sql import SqlBackend
@@ -64,6 +64,8 @@ class SqliteBackend(SqlBackend):
             raise Internal("the write was refused by the database") from exc
         except sqlite3.Error as exc:  # locked, read-only, disk full, I/O error, closed
             raise StorageUnavailable(f"storage unavailable: {exc}") from exc
+        except OverflowError as exc:  # an integer beyond 64 bits, raised while binding it
+            raise BadRequest(f"a value the database cannot store: {exc}") from exc
 
     def _connect(self, *, writer: bool) -> sqlite3.Connection:
         if self.path != ":memory:":

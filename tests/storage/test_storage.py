@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from domain.chat import ChatMessage
-from domain.errors import Conflict, Internal, NotFound, StorageUnavailable
+from domain.errors import BadRequest, Conflict, Internal, NotFound, StorageUnavailable
 from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, CREATED, TimelineEntry
 from gateway.server import Running, serve
@@ -256,6 +256,34 @@ async def test_chat_for_an_unknown_session_is_refused(store: Store):
             with pytest.raises(NotFound):
                 await storage.write(chat("nope", "c1"))
     assert store.count("messages") == 0
+
+
+async def test_values_the_database_cannot_store_are_bad_requests(store: Store):
+    """Not a crash and not a 500: an integer beyond 64 bits (stored by neither database;
+    PostgreSQL compares with one), a NUL character in text (PostgreSQL cannot store one;
+    SQLite can)."""
+    with trio.fail_after(10):
+        async with open_storage(store.backend()) as (_, storage):
+            await storage.write(new_session("s"))
+            huge = sm.GetMessages(session_id="s", before_seq=2**70)
+            if store.kind == "postgres":
+                assert await storage.read(huge) == ()  # compared as numeric
+            else:
+                with pytest.raises(BadRequest):
+                    await storage.read(huge)
+            with pytest.raises(BadRequest):
+                await storage.write(sm.RaiseMark(session_id="s", user="alice", kind="read", seq=2**70))
+            nul = chat("s", "nul\x00")
+            if store.kind == "postgres":
+                with pytest.raises(BadRequest):
+                    await storage.write(nul)
+                with pytest.raises(BadRequest):
+                    await storage.read(sm.GetSession(session_id="s\x00"))
+            else:
+                assert (await storage.write(nul))[0].seq == 1
+            after, _ = await storage.write(chat("s", "after"))
+            assert after.seq == (1 if store.kind == "postgres" else 2)  # the refusal used up no seq
+            assert storage.healthy
 
 
 async def test_idempotent_create_and_reconcile_after_restart(store: Store):
