@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from domain.errors import StorageUnavailable
 from domain.settings import Settings
 
 
@@ -147,8 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
         logging.getLogger("parley").error("PARLEY_DATABASE_URL must be a postgresql:// URL")
         return 2
-    trio.run(_serve, settings)
-    return 0
+    failed: list[BaseException] = []
+    try:
+        trio.run(_serve, settings)
+    except* StorageUnavailable as group:  # the database could not be opened at start
+        failed.extend(_leaves(group))
+    for reason in failed:
+        logging.getLogger("parley").error("cannot start: %s", reason)
+    return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [leaf for e in group.exceptions for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
 
 
 if __name__ == "__main__":

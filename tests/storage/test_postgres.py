@@ -126,14 +126,18 @@ async def test_run_py_serves_on_postgres_with_database_url_alone(tmp_path: Path,
     assert PostgresStore(postgres_url).count("sessions") == 0  # migrated, empty
 
 
-def test_run_py_still_refuses_redis_url_and_a_non_postgres_database_url(tmp_path: Path):
-    for variables, says in (
-        ({"PARLEY_REDIS_URL": "redis://localhost:6379"}, "PARLEY_REDIS_URL: cluster mode is not implemented yet"),
-        ({"PARLEY_DATABASE_URL": "mysql://db/parley"}, "must be a postgresql:// URL"),
+def test_run_py_refuses_redis_url_a_non_postgres_url_and_an_unreachable_database(tmp_path: Path):
+    for variables, code, says in (
+        ({"PARLEY_REDIS_URL": "redis://localhost:6379"}, 2, "PARLEY_REDIS_URL: cluster mode is not implemented yet"),
+        ({"PARLEY_DATABASE_URL": "mysql://db/parley"}, 2, "must be a postgresql:// URL"),
+        ({"PARLEY_DATABASE_URL": "postgresql://parley:hunter2@127.0.0.1:1/parley", "PARLEY_SECRET": SECRET}, 1,
+         "cannot start: storage unavailable"),
     ):
         refused = subprocess.run(
             [sys.executable, "run.py", "--port", "0", "--data-dir", str(tmp_path / "data")],
             cwd=ROOT, env=_run_py_env(**variables), capture_output=True, text=True, timeout=30,
         )
-        assert refused.returncode == 2, refused.stderr
+        assert refused.returncode == code, refused.stderr
         assert says in refused.stderr
+        assert "hunter2" not in refused.stderr
+        assert "Traceback" not in refused.stderr
