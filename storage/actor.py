@@ -236,7 +236,7 @@ class StorageActor:
             conn = self._writer
             backend.begin(conn)
             try:
-                results = [outcome.Value(backend.write(conn, request)) for request in requests]
+                results: list[outcome.Outcome] = [outcome.Value(backend.write(conn, r)) for r in requests]
             except StorageUnavailable:
                 raise
             except ParleyError:

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from domain.errors import BadRequest, Internal, StorageUnavailable
 
@@ -84,10 +84,10 @@ class PostgresBackend(SqlBackend):
             raise StorageUnavailable(f"storage unavailable: {exc}") from exc
 
     def _connect(self, *, writer: bool) -> psycopg.Connection:
-        params = conninfo_to_dict(self.url)
-        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
-        params.setdefault("application_name", "parley")
-        conn = psycopg.connect(autocommit=True, **params)
+        given = conninfo_to_dict(self.url)
+        defaults: dict[str, str | int] = {"connect_timeout": CONNECT_TIMEOUT, "application_name": "parley"}
+        conninfo = make_conninfo(self.url, **{k: v for k, v in defaults.items() if k not in given})
+        conn = psycopg.connect(conninfo, autocommit=True)
         if writer:
             try:
                 version = migrate(conn)
