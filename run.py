@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from domain.errors import StorageUnavailable
 from domain.settings import Settings
 
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=int(_env("PORT", str(defaults.port))),
                        help="PARLEY_PORT; 0 picks a free port (default 8080)")
         add_data_dir(p)
+        p.add_argument("--database-url", default=_env("DATABASE_URL"),
+                       help="postgresql://… to keep everything in PostgreSQL instead of SQLite in the data dir"
+                            " (PARLEY_DATABASE_URL)")
         p.add_argument("--dev", action="store_true", default=_env_bool("DEV"),
                        help="development mode: the demo page may mint tokens (PARLEY_DEV=1)")
         p.add_argument("--heartbeat", type=float, default=float(_env("HEARTBEAT", str(defaults.heartbeat))),
@@ -97,7 +101,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         frame_burst=max(1, int(args.frames_per_second * 4)),
         max_connections_per_user=args.max_connections_per_user,
         redis_url=_env("REDIS_URL") or None,
-        database_url=_env("DATABASE_URL") or None,
+        database_url=args.database_url or None,
         log_level=args.log_level,
     )
 
@@ -135,14 +139,27 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
-    if settings.redis_url or settings.database_url:
+    if settings.redis_url:
         logging.getLogger("parley").error(
-            "PARLEY_REDIS_URL / PARLEY_DATABASE_URL: cluster mode is not implemented yet; "
-            "unset them to run as a single process on SQLite"
+            "PARLEY_REDIS_URL: cluster mode is not implemented yet; unset it to run one node "
+            "(on SQLite, or on PostgreSQL with PARLEY_DATABASE_URL alone)"
         )
         return 2
-    trio.run(_serve, settings)
-    return 0
+    if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
+        logging.getLogger("parley").error("PARLEY_DATABASE_URL must be a postgresql:// URL")
+        return 2
+    failed: list[BaseException] = []
+    try:
+        trio.run(_serve, settings)
+    except* StorageUnavailable as group:  # the database could not be opened at start
+        failed.extend(_leaves(group))
+    for reason in failed:
+        logging.getLogger("parley").error("cannot start: %s", reason)
+    return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [leaf for e in group.exceptions for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ class Settings:
     turn_urls: tuple[str, ...] = ()
     stun_urls: tuple[str, ...] = ()
     turn_ttl: int = 3600
-    # cluster (not implemented yet: refused at start)
+    # cluster (redis_url is not implemented yet: refused at start)
     redis_url: str | None = None
-    database_url: str | None = None
+    database_url: str | None = None  # postgresql://…: alone, one node on PostgreSQL instead of SQLite
     log_level: str = "INFO"
 
     @property

@@ -23,9 +23,9 @@ from actors.post_office import PostOffice
 from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
 from domain.settings import Settings
+from storage import backend_for
 from storage import messages as sm
-from storage.actor import StorageActor, StorageHandle
-from storage.sqlite_backend import SqliteBackend
+from storage.actor import Backend, StorageActor, StorageHandle
 
 from .app import create_app
 from .auth import TokenVerifier, load_or_create_secret, mint_token
@@ -52,14 +52,14 @@ async def serve(
     settings: Settings,
     *,
     shutdown: trio.Event,
-    backend: SqliteBackend | None = None,
+    backend: Backend | None = None,
     clock: WallClock | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run Parley until `shutdown` is set, then stop in order and return."""
     clock = clock or WallClock()
     secret = load_or_create_secret(settings.data_dir, settings.secret)
-    backend = backend or SqliteBackend(settings.database_path, synchronous=settings.sqlite_synchronous)
+    backend = backend or backend_for(settings)
     storage_actor = StorageActor(backend, max_batch=settings.storage_batch)
     async with trio.open_nursery() as storage_nursery:
         storage: StorageHandle = await storage_nursery.start(storage_actor.run)

@@ -7,21 +7,22 @@ transaction in a worker thread, commits once, and only then answers every
 requester: group commit. Each request runs inside its own savepoint, so one
 refused request (a conflict, a duplicate) does not undo its neighbours.
 
-Reads run on a second connection in their own thread, so WAL lets them go on
-while a long batch is being written.
+Reads run on a second connection in their own thread, so they go on while a
+long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
 
-When SQLite fails (locked, read-only, disk full, I/O error) the whole batch is
-rolled back and each of its requesters gets `StorageUnavailable`; the writer
-connection is reopened for the next batch, so the server recovers by itself
-once the database is writable again.
+The backend (`sqlite_backend.py`, `postgres_backend.py`) raises only domain
+errors. When the database fails (locked, read-only, disk full, I/O error, the
+server gone) it raises `StorageUnavailable`: the whole batch is rolled back and
+each of its requesters gets that error; the connection is reopened for the next
+batch or read, so the server recovers by itself once the database is back.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import outcome
 import trio
@@ -36,12 +37,25 @@ log = logging.getLogger("parley.storage")
 WRITE_QUEUE = 4096
 DEFAULT_TIMEOUT = 30.0
 
+R = TypeVar("R")
+
 
 class Backend(Protocol):
+    """A database, driven synchronously from worker threads, one thread per connection.
+
+    Every method raises only domain errors: `StorageUnavailable` when the database
+    failed (the connection is then discarded), another `ParleyError` (`Conflict`,
+    `NotFound`, `Internal` for an integrity error, ...) when one request is refused.
+    """
+
     def connect(self, *, writer: bool) -> Any: ...
+    def close(self, conn: Any) -> None: ...
     def begin(self, conn: Any) -> None: ...
     def commit(self, conn: Any) -> None: ...
     def rollback(self, conn: Any) -> None: ...
+    def savepoint(self, conn: Any) -> None: ...
+    def rollback_to(self, conn: Any) -> None: ...
+    def release(self, conn: Any) -> None: ...
     def write(self, conn: Any, request: m.WriteRequest) -> Any: ...
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
@@ -89,19 +103,19 @@ class StorageHandle:
         self._actor = actor
         self._requests = requests
 
-    async def write(self, request: m.WriteRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    async def write(self, request: m.Write[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
         [result] = await self.write_many([request], timeout=timeout)
         return result.unwrap()
 
     async def write_many(
-        self, requests: list[m.WriteRequest], *, timeout: float = DEFAULT_TIMEOUT
-    ) -> list[outcome.Outcome]:
+        self, requests: Sequence[m.Write[R]], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> list[outcome.Outcome[R]]:
         """Queue every request, then wait for all: they share group commits. Answers in order,
         each an Outcome (one refused request does not fail the others)."""
         replies = [_Reply() for _ in requests]
         with trio.fail_after(timeout):
             for request, reply in zip(requests, replies):
-                envelope = _Envelope(request, reply)
+                envelope = _Envelope(request, reply)  # type: ignore[arg-type]
                 try:
                     try:
                         self._requests.send_nowait(envelope)  # no checkpoint: one batch, not many
@@ -111,9 +125,9 @@ class StorageHandle:
                     raise StorageUnavailable("storage is shutting down") from None
             return [await reply.wait() for reply in replies]
 
-    async def read(self, request: m.ReadRequest, *, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    async def read(self, request: m.Read[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
         with trio.fail_after(timeout):
-            return await self._actor.read(request)
+            return await self._actor.read(request)  # type: ignore[arg-type]
 
     async def check_ready(self, now_ms: int) -> bool:
         """True when a read works and writes commit (probing with a write when unhealthy)."""
@@ -139,7 +153,7 @@ class StorageHandle:
 
 class StorageActor:
     def __init__(self, backend: Backend, *, max_batch: int = 256, inline: bool = False) -> None:
-        """`inline=True` runs SQLite in the Trio thread on one connection: for tests under a
+        """`inline=True` runs the database in the Trio thread on one connection: for tests under a
         fake clock (a worker thread would let the clock jump while a write is under way)."""
         self.backend = backend
         self.max_batch = max_batch
@@ -147,6 +161,7 @@ class StorageActor:
         self.healthy = True
         self._writer: Any = None
         self._reader: Any = None
+        self._closed = False
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._batches = 0
@@ -184,7 +199,7 @@ class StorageActor:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self._in_writer_thread(self._close_connections)
 
-    async def _in_writer_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _in_writer_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.inline:
             await trio.lowlevel.checkpoint()
             return fn(*args, **kwargs)
@@ -221,19 +236,21 @@ class StorageActor:
             conn = self._writer
             backend.begin(conn)
             try:
-                results = [outcome.Value(backend.write(conn, request)) for request in requests]
-            except (ParleyError, sqlite3.IntegrityError):
+                results: list[outcome.Outcome] = [outcome.Value(backend.write(conn, r)) for r in requests]
+            except StorageUnavailable:
+                raise
+            except ParleyError:
                 backend.rollback(conn)
                 backend.begin(conn)
                 results = self._apply_each(conn, requests)
             backend.commit(conn)
-        except sqlite3.Error as exc:
+        except StorageUnavailable as exc:
             self._failed_batches += 1
             if self.healthy:
                 log.error("storage failed, %d writes refused: %s", len(requests), exc)
             self.healthy = False
             self._discard_writer()
-            error = StorageUnavailable(f"storage unavailable: {exc}")
+            error = StorageUnavailable(exc.message)  # one fresh error, no worker-thread traceback
             return [outcome.Error(error) for _ in requests]
         if not self.healthy:
             log.warning("storage recovered")
@@ -244,51 +261,70 @@ class StorageActor:
         return results
 
     def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+        backend = self.backend
         results: list[outcome.Outcome] = []
         for request in requests:
-            conn.execute("SAVEPOINT request")
+            backend.savepoint(conn)
             try:
-                results.append(outcome.Value(self.backend.write(conn, request)))
-            except (ParleyError, sqlite3.IntegrityError) as exc:
-                conn.execute("ROLLBACK TO request")
-                if isinstance(exc, sqlite3.IntegrityError):
-                    log.error("integrity error on %r: %s", request, exc)
-                    exc = Internal("the write was refused by the database")
+                results.append(outcome.Value(backend.write(conn, request)))
+            except StorageUnavailable:
+                raise
+            except ParleyError as exc:
+                backend.rollback_to(conn)
+                if isinstance(exc, Internal):
+                    log.error("the database refused %r: %s", request, exc.__cause__ or exc)
                 results.append(outcome.Error(exc))
-            conn.execute("RELEASE request")
+            backend.release(conn)
         return results
 
     def _discard_writer(self) -> None:
         conn, self._writer = self._writer, None
         if conn is None:
             return
+        if self._reader is conn:
+            self._reader = None
         try:
             self.backend.rollback(conn)
-        except Exception:  # the connection is going away; its own error was already reported
+        except StorageUnavailable:  # the connection is going away; its own error was already reported
             pass
+        self._close_quietly(conn)
+
+    def _discard_reader(self) -> None:
+        conn, self._reader = self._reader, None
+        if conn is self._writer:
+            self._writer = None
+        if conn is not None:
+            self._close_quietly(conn)
+
+    def _close_quietly(self, conn: Any) -> None:
         try:
-            conn.close()
-        except Exception:
+            self.backend.close(conn)
+        except StorageUnavailable:
             pass
 
     def _close_connections(self) -> None:
+        self._closed = True
         if self._reader is self._writer:
             self._reader = None
         self._discard_writer()
         if self._reader is not None:
-            self._reader.close()
+            self._close_quietly(self._reader)
             self._reader = None
 
     async def read(self, request: m.ReadRequest) -> Any:
         def run() -> Any:
-            try:
-                if self.inline and self._writer is None:
+            if self._closed:
+                raise StorageUnavailable("storage is closed")
+            if self._reader is None:  # first read after a failure: reconnect
+                if self.inline:
                     self._writer = self._reader = self.backend.connect(writer=True)
-                if self._reader is None:
-                    raise StorageUnavailable("storage is closed")
+                else:
+                    self._reader = self.backend.connect(writer=False)
+            try:
                 return self.backend.read(self._reader, request)
-            except sqlite3.Error as exc:
-                raise StorageUnavailable(f"storage unavailable: {exc}") from exc
+            except StorageUnavailable:
+                self._discard_reader()
+                raise
 
         if self.inline:
             await trio.lowlevel.checkpoint()

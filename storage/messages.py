@@ -1,16 +1,34 @@
 """Requests the storage actor takes. Writes are group-committed; reads run beside them.
 
-Each request is a small frozen dataclass; the backend answers it with the value
-named in its docstring or raises a `domain.errors` exception.
+Each request is a small frozen dataclass deriving from `Write[R]` or `Read[R]`,
+where `R` is what the backend answers it with (also named in its docstring), so
+`await storage.read(GetSession(...))` is typed `SessionRecord`. A refusal is a
+`domain.errors` exception.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from domain.chat import ChatMessage
+from domain.chat import ChatMessage, Marks
 from domain.session import SessionRecord
 from domain.timeline import TimelineEntry
+
+R = TypeVar("R", covariant=True)
+
+
+class Write(Generic[R]):
+    """A write answered with an `R`; group-committed with its neighbours."""
+
+    __slots__ = ()
+
+
+class Read(Generic[R]):
+    """A read answered with an `R`."""
+
+    __slots__ = ()
+
 
 # ---------------------------------------------------------------- billing state
 
@@ -36,7 +54,7 @@ class BillingState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CreateSession:
+class CreateSession(Write[tuple[SessionRecord, bool]]):
     """→ (SessionRecord, replayed: bool). A repeated idempotency key returns the first session."""
 
     session: SessionRecord
@@ -45,7 +63,7 @@ class CreateSession:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TransitionSession:
+class TransitionSession(Write[SessionRecord]):
     """→ SessionRecord after the change. Conflict if the stored state does not allow it.
 
     `final_billing`, when given, is written in the same transaction (ending a session).
@@ -60,14 +78,14 @@ class TransitionSession:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AppendTimeline:
+class AppendTimeline(Write[None]):
     """→ None."""
 
     entries: tuple[TimelineEntry, ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CheckpointBilling:
+class CheckpointBilling(Write[None]):
     """→ None. Refused silently once the bill is final (a late tick never changes it)."""
 
     billing: BillingState
@@ -75,7 +93,7 @@ class CheckpointBilling:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class InsertMessage:
+class InsertMessage(Write[tuple[ChatMessage, bool]]):
     """→ (ChatMessage, duplicate: bool). A known (session, sender, client_id) returns the original.
 
     The stored message's `seq` is the session's next one, whatever `message.seq` says.
@@ -85,7 +103,7 @@ class InsertMessage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EditMessage:
+class EditMessage(Write[ChatMessage]):
     """→ ChatMessage. NotFound, or Forbidden unless `editor` sent it; Conflict if deleted."""
 
     session_id: str
@@ -96,7 +114,7 @@ class EditMessage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeleteMessage:
+class DeleteMessage(Write[ChatMessage]):
     """→ ChatMessage. NotFound, or Forbidden unless `by` sent it or `as_admin`."""
 
     session_id: str
@@ -107,7 +125,7 @@ class DeleteMessage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RaiseMark:
+class RaiseMark(Write[Marks]):
     """→ Marks. Marks only move forward; `read` raises `delivered` too."""
 
     session_id: str
@@ -117,7 +135,7 @@ class RaiseMark:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaveIdempotentReply:
+class SaveIdempotentReply(Write[None]):
     """→ None. Keeps the first reply to (user, route, key)."""
 
     user: str
@@ -128,14 +146,14 @@ class SaveIdempotentReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReconcileAfterRestart:
+class ReconcileAfterRestart(Write[tuple[str, ...]]):
     """→ tuple of active session ids. Closes every open billing segment at its last checkpoint."""
 
     now: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ProbeWrite:
+class ProbeWrite(Write[None]):
     """→ None. A harmless write, for readiness checks."""
 
     at: int
@@ -159,14 +177,14 @@ WriteRequest = (
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetSession:
+class GetSession(Read[SessionRecord]):
     """→ SessionRecord, or NotFound."""
 
     session_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListSessions:
+class ListSessions(Read[tuple[tuple[SessionRecord, ...], int | None]]):
     """→ (tuple[SessionRecord, ...], next_cursor | None), newest first."""
 
     user: str | None  # None: every session (admin)
@@ -176,7 +194,7 @@ class ListSessions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetMessages:
+class GetMessages(Read[tuple[ChatMessage, ...]]):
     """→ tuple[ChatMessage, ...] oldest first."""
 
     session_id: str
@@ -186,7 +204,7 @@ class GetMessages:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetMessage:
+class GetMessage(Read[ChatMessage]):
     """→ ChatMessage, or NotFound."""
 
     session_id: str
@@ -194,7 +212,7 @@ class GetMessage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetChatState:
+class GetChatState(Read[tuple[int, Marks]]):
     """→ (last_seq, Marks of `user`)."""
 
     session_id: str
@@ -202,14 +220,14 @@ class GetChatState:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetBilling:
+class GetBilling(Read[BillingState | None]):
     """→ BillingState | None."""
 
     session_id: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetTimeline:
+class GetTimeline(Read[tuple[TimelineEntry, ...]]):
     """→ tuple[TimelineEntry, ...] oldest first."""
 
     session_id: str
@@ -217,7 +235,7 @@ class GetTimeline:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GetIdempotentReply:
+class GetIdempotentReply(Read[tuple[int, bytes] | None]):
     """→ (status, body) | None."""
 
     user: str
@@ -226,7 +244,7 @@ class GetIdempotentReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ProbeRead:
+class ProbeRead(Read[None]):
     """→ None."""
 
 

@@ -1,12 +1,14 @@
-"""The versioned schema. `PRAGMA user_version` names the last migration applied.
+"""The versioned schema, for each database.
 
-Migrations run in order at start, each in its own transaction; add new ones at
-the end of `MIGRATIONS` and never edit one that has shipped.
+SQLite keeps the last migration applied in `PRAGMA user_version`, PostgreSQL in
+`schema_version`; each backend runs the migrations it lacks at start, in order,
+each in its own transaction. Both lists have the same length and the same
+meaning at each version. Add new ones at the end and never edit one that has
+shipped.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 import sqlite_utils
@@ -93,25 +95,99 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_v1_initial,)
-SCHEMA_VERSION = len(MIGRATIONS)
+def _v2_numbering_and_epoch(db: sqlite_utils.Database) -> None:
+    # `last_seq` numbers a session's messages (its row lock serializes concurrent writers);
+    # `owner_epoch` will fence writes from a node that lost ownership (cluster mode).
+    db.execute("ALTER TABLE sessions ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE sessions ADD COLUMN owner_epoch INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "UPDATE sessions SET last_seq ="
+        " (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE messages.session_id = sessions.id)"
+    )
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply every migration newer than the database. Returns the version reached."""
-    db = sqlite_utils.Database(conn)
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"database schema v{version} is newer than this server (v{SCHEMA_VERSION})"
-        )
-    for number in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            MIGRATIONS[number - 1](db)
-            conn.execute(f"PRAGMA user_version = {number}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    return SCHEMA_VERSION
+SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _v1_initial,
+    _v2_numbering_and_epoch,
+)
+
+# PostgreSQL: the same tables, in its own types (epoch milliseconds need bigint).
+POSTGRES_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key text PRIMARY KEY, value text);
+    CREATE TABLE sessions (
+        cursor bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        payer text NOT NULL,
+        provider text NOT NULL,
+        guests text,
+        rate_per_minute bigint NOT NULL,
+        currency text NOT NULL,
+        max_amount_minor bigint,
+        state text NOT NULL,
+        created_at bigint NOT NULL,
+        started_at bigint,
+        ended_at bigint,
+        end_reason text,
+        metadata text,
+        created_by text
+    );
+    CREATE INDEX sessions_state_cursor ON sessions (state, cursor);
+    CREATE TABLE participants (
+        user_id text NOT NULL, cursor bigint NOT NULL, session_id text NOT NULL, role text NOT NULL,
+        PRIMARY KEY (user_id, cursor, session_id)
+    );
+    CREATE TABLE messages (
+        id text PRIMARY KEY,
+        session_id text NOT NULL,
+        seq bigint NOT NULL,
+        client_id text NOT NULL,
+        sender text NOT NULL,
+        body text,
+        created_at bigint NOT NULL,
+        edited_at bigint,
+        deleted boolean NOT NULL DEFAULT FALSE,
+        UNIQUE (session_id, seq),
+        UNIQUE (session_id, sender, client_id)
+    );
+    CREATE TABLE marks (
+        session_id text NOT NULL, user_id text NOT NULL,
+        delivered_seq bigint NOT NULL DEFAULT 0, read_seq bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, user_id)
+    );
+    CREATE TABLE billing (
+        session_id text PRIMARY KEY,
+        rate_per_minute bigint,
+        currency text,
+        segments text,
+        billable_ms bigint,
+        amount_minor bigint,
+        open boolean NOT NULL DEFAULT FALSE,
+        checkpoint_at bigint,
+        final boolean NOT NULL DEFAULT FALSE
+    );
+    CREATE TABLE timeline (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        session_id text NOT NULL,
+        at bigint NOT NULL,
+        kind text NOT NULL,
+        actor text NOT NULL,
+        detail text
+    );
+    CREATE INDEX timeline_session_id ON timeline (session_id, id);
+    CREATE TABLE idempotency (
+        user_id text NOT NULL, route text NOT NULL, key text NOT NULL,
+        status integer NOT NULL, body bytea NOT NULL,
+        PRIMARY KEY (user_id, route, key)
+    )
+    """,
+    """
+    ALTER TABLE sessions ADD COLUMN last_seq bigint NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN owner_epoch bigint NOT NULL DEFAULT 0;
+    UPDATE sessions SET last_seq =
+        (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE messages.session_id = sessions.id)
+    """,
+)
+
+SCHEMA_VERSION = len(SQLITE_MIGRATIONS)
+assert len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from actors.ports import ChatCursor, ChatFrame, ConnectionRef, Outgoing, ToConne
 from actors.post_office import PostOffice
 from actors.session import GetLiveBilling, JoinSession, LeaveSession, MemberAlive, SessionContext, Transition
 from actors.supervise import Supervisor, SupervisorHandle
+from domain.errors import StorageUnavailable
 from domain.identity import Identity
 from domain.session import SessionRecord
 from domain.settings import Settings
@@ -38,13 +38,13 @@ _ids = itertools.count(1)
 
 
 class FlakyBackend(SqliteBackend):
-    """Real SQLite, with an I/O error injected at the backend boundary while `failing`."""
+    """Real SQLite, failing every write as the backend does on an I/O error while `failing`."""
 
     failing = False
 
     def write(self, conn: Any, request: Any) -> Any:
         if self.failing:
-            raise sqlite3.OperationalError("disk I/O error")
+            raise StorageUnavailable("disk I/O error")
         return super().write(conn, request)
 
 

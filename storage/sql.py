@@ -1,0 +1,543 @@
+"""Every storage request in SQL that SQLite and PostgreSQL both speak. Synchronous: runs in
+the storage actor's worker threads.
+
+`SqlBackend` implements the `Backend` protocol once: the request handlers, the row
+mapping, transactions and savepoints. A driver subclass supplies how to connect, how to
+run a statement (SQL here uses `?` placeholders), the few words the dialects spell
+differently, and `driver_errors()`: the one place where its driver's exceptions become
+domain errors. Every public method runs inside it, so the storage actor sees only
+`StorageUnavailable` (the database failed: the batch is rolled back) or another
+`ParleyError` (this one request was refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import orjson
+
+from domain import session as lifecycle
+from domain.billing import amount_minor
+from domain.chat import ChatMessage, Marks
+from domain.errors import Conflict, Forbidden, NotFound
+from domain.session import SessionRecord
+from domain.timeline import BILLING_GAP, TimelineEntry
+
+from . import messages as m
+
+Connection = Any  # the driver's connection; one thread uses it at a time
+Row = Sequence[Any]
+
+SESSION_COLUMNS = (
+    "id, payer, provider, guests, rate_per_minute, currency, max_amount_minor, state,"
+    " created_at, started_at, ended_at, end_reason, metadata, created_by, cursor"
+)
+MESSAGE_COLUMNS = "id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+B = TypeVar("B", bound="SqlBackend")
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def session_from_row(row: Row) -> SessionRecord:
+    return SessionRecord(
+        id=row[0],
+        payer=row[1],
+        provider=row[2],
+        guests=tuple(orjson.loads(row[3] or "[]")),
+        rate_per_minute=row[4],
+        currency=row[5],
+        max_amount_minor=row[6],
+        state=row[7],
+        created_at=row[8],
+        started_at=row[9],
+        ended_at=row[10],
+        end_reason=row[11],
+        metadata=orjson.loads(row[12] or "{}"),
+        created_by=row[13] or "",
+    )
+
+
+def message_from_row(row: Row) -> ChatMessage:
+    return ChatMessage(
+        id=row[0],
+        session_id=row[1],
+        seq=row[2],
+        client_id=row[3],
+        sender=row[4],
+        body=row[5],
+        created_at=row[6],
+        edited_at=row[7],
+        deleted=bool(row[8]),
+    )
+
+
+def _mapped(method: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[B, P], T]:
+    """Run a public backend method inside its driver's error mapping."""
+
+    @functools.wraps(method)
+    def wrapper(self: B, *args: P.args, **kwargs: P.kwargs) -> T:
+        with self.driver_errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class SqlBackend:
+    """The requests, in portable SQL. Holds no state besides its settings."""
+
+    BEGIN = "BEGIN"
+    GREATEST = "GREATEST"  # the two-argument maximum (SQLite calls it MAX)
+
+    # ---------------------------------------------------------------- the driver's part
+
+    def driver_errors(self) -> AbstractContextManager[None]:
+        """Turn the driver's exceptions into `StorageUnavailable` / `Internal`."""
+        raise NotImplementedError
+
+    def _connect(self, *, writer: bool) -> Connection:
+        raise NotImplementedError
+
+    def _execute(self, conn: Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement; returns a cursor (`fetchone`, `fetchall`)."""
+        raise NotImplementedError
+
+    def _executemany(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def _in_transaction(self, conn: Connection) -> bool:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- connections, transactions
+
+    @_mapped
+    def connect(self, *, writer: bool) -> Connection:
+        """A new connection; the writer's first one also migrates the schema."""
+        return self._connect(writer=writer)
+
+    @_mapped
+    def close(self, conn: Connection) -> None:
+        conn.close()
+
+    @_mapped
+    def begin(self, conn: Connection) -> None:
+        self._execute(conn, self.BEGIN)
+
+    @_mapped
+    def commit(self, conn: Connection) -> None:
+        self._execute(conn, "COMMIT")
+
+    @_mapped
+    def rollback(self, conn: Connection) -> None:
+        if self._in_transaction(conn):
+            self._execute(conn, "ROLLBACK")
+
+    @_mapped
+    def savepoint(self, conn: Connection) -> None:
+        self._execute(conn, "SAVEPOINT request")
+
+    @_mapped
+    def rollback_to(self, conn: Connection) -> None:
+        self._execute(conn, "ROLLBACK TO SAVEPOINT request")
+
+    @_mapped
+    def release(self, conn: Connection) -> None:
+        self._execute(conn, "RELEASE SAVEPOINT request")
+
+    # ---------------------------------------------------------------- writes
+
+    @_mapped
+    def write(self, conn: Connection, request: m.WriteRequest) -> Any:
+        match request:
+            case m.CreateSession():
+                return self._create_session(conn, request)
+            case m.TransitionSession():
+                return self._transition(conn, request)
+            case m.AppendTimeline(entries=entries):
+                self._append_timeline(conn, entries)
+                return None
+            case m.CheckpointBilling(billing=billing, timeline=timeline):
+                self._save_billing(conn, billing)
+                self._append_timeline(conn, timeline)
+                return None
+            case m.InsertMessage(message=message):
+                return self._insert_message(conn, message)
+            case m.EditMessage():
+                return self._edit_message(conn, request)
+            case m.DeleteMessage():
+                return self._delete_message(conn, request)
+            case m.RaiseMark():
+                return self._raise_mark(conn, request)
+            case m.SaveIdempotentReply():
+                self._execute(
+                    conn,
+                    "INSERT INTO idempotency (user_id, route, key, status, body)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (request.user, request.route, request.key, request.status, request.body),
+                )
+                return None
+            case m.ReconcileAfterRestart(now=now):
+                return self._reconcile(conn, now)
+            case m.ProbeWrite(at=at):
+                self._execute(
+                    conn,
+                    "INSERT INTO meta (key, value) VALUES ('probe', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(at),),
+                )
+                return None
+        raise TypeError(f"unknown write request {request!r}")
+
+    def _create_session(self, conn: Connection, request: m.CreateSession) -> tuple[SessionRecord, bool]:
+        session = request.session
+        route = "POST /api/sessions"
+        if request.idempotency_key is not None:
+            row = self._execute(
+                conn,
+                "SELECT body FROM idempotency WHERE user_id = ? AND route = ? AND key = ?",
+                (session.created_by, route, request.idempotency_key),
+            ).fetchone()
+            if row is not None:
+                return self._get_session(conn, bytes(row[0]).decode()), True
+        (cursor,) = self._execute(
+            conn,
+            "INSERT INTO sessions (id, payer, provider, guests, rate_per_minute, currency,"
+            " max_amount_minor, state, created_at, metadata, created_by)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING cursor",
+            (
+                session.id,
+                session.payer,
+                session.provider,
+                _json(list(session.guests)),
+                session.rate_per_minute,
+                session.currency,
+                session.max_amount_minor,
+                session.state,
+                session.created_at,
+                _json(session.metadata),
+                session.created_by,
+            ),
+        ).fetchone()
+        roles = {session.payer: "payer", session.provider: "provider"}
+        for guest in session.guests:
+            roles.setdefault(guest, "guest")
+        self._executemany(
+            conn,
+            "INSERT INTO participants (user_id, cursor, session_id, role) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            [(user, cursor, session.id, role) for user, role in roles.items()],
+        )
+        self._execute(
+            conn,
+            "INSERT INTO billing (session_id, rate_per_minute, currency, segments, billable_ms,"
+            " amount_minor) VALUES (?, ?, ?, '[]', 0, 0)",
+            (session.id, session.rate_per_minute, session.currency),
+        )
+        if request.idempotency_key is not None:
+            self._execute(
+                conn,
+                "INSERT INTO idempotency (user_id, route, key, status, body) VALUES (?, ?, ?, ?, ?)",
+                (session.created_by, route, request.idempotency_key, 201, session.id.encode()),
+            )
+        self._append_timeline(conn, (request.timeline,))
+        return session, False
+
+    def _transition(self, conn: Connection, request: m.TransitionSession) -> SessionRecord:
+        current = self._get_session(conn, request.session_id)
+        changed = lifecycle.apply_transition(
+            current, request.name, at_ms=request.at, end_reason=request.end_reason
+        )
+        self._execute(
+            conn,
+            "UPDATE sessions SET state = ?, started_at = ?, ended_at = ?, end_reason = ?"
+            " WHERE id = ? AND state = ?",
+            (
+                changed.state,
+                changed.started_at,
+                changed.ended_at,
+                changed.end_reason,
+                changed.id,
+                current.state,
+            ),
+        )
+        if request.final_billing is not None:
+            self._save_billing(conn, request.final_billing)
+        self._append_timeline(conn, request.timeline)
+        return changed
+
+    def _save_billing(self, conn: Connection, billing: m.BillingState) -> None:
+        billable = billing.billable_ms
+        self._execute(
+            conn,
+            "UPDATE billing SET segments = ?, billable_ms = ?, amount_minor = ?, open = ?,"
+            " checkpoint_at = ?, final = ? WHERE session_id = ? AND NOT final",
+            (
+                _json([list(s) for s in billing.segments]),
+                billable,
+                amount_minor(billable, billing.rate_per_minute),
+                billing.open,
+                billing.checkpoint_at,
+                billing.final,
+                billing.session_id,
+            ),
+        )
+
+    def _append_timeline(self, conn: Connection, entries: tuple[TimelineEntry, ...]) -> None:
+        if entries:
+            self._executemany(
+                conn,
+                "INSERT INTO timeline (session_id, at, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
+                [(e.session_id, e.at, e.kind, e.actor, _json(e.detail)) for e in entries],
+            )
+
+    def _insert_message(self, conn: Connection, message: ChatMessage) -> tuple[ChatMessage, bool]:
+        # The session row numbers its messages: bumping `last_seq` takes the row's write lock
+        # until commit, so concurrent writers (other connections, other nodes) queue up behind
+        # it and seqs stay gapless, whatever the session actor's idea of the last one (it goes
+        # stale after a write that timed out for its caller but committed).
+        numbered = self._execute(
+            conn,
+            "UPDATE sessions SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+            (message.session_id,),
+        ).fetchone()
+        if numbered is None:
+            raise NotFound(f"no session {message.session_id}")
+        inserted = self._execute(
+            conn,
+            "INSERT INTO messages"
+            " (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE)"
+            " ON CONFLICT (session_id, sender, client_id) DO NOTHING RETURNING seq",
+            (
+                message.id,
+                message.session_id,
+                numbered[0],
+                message.client_id,
+                message.sender,
+                message.body,
+                message.created_at,
+            ),
+        ).fetchone()
+        if inserted is not None:
+            return dataclasses.replace(message, seq=inserted[0]), False
+        # A known (session, sender, client_id): give the number back, answer the original.
+        self._execute(
+            conn, "UPDATE sessions SET last_seq = last_seq - 1 WHERE id = ?", (message.session_id,)
+        )
+        original = self._execute(
+            conn,
+            f"SELECT {MESSAGE_COLUMNS} FROM messages"
+            " WHERE session_id = ? AND sender = ? AND client_id = ?",
+            (message.session_id, message.sender, message.client_id),
+        ).fetchone()
+        return message_from_row(original), True
+
+    def _edit_message(self, conn: Connection, request: m.EditMessage) -> ChatMessage:
+        current = self._get_message(conn, request.session_id, request.message_id)
+        if current.sender != request.editor:
+            raise Forbidden("only the sender may edit a message")
+        if current.deleted:
+            raise Conflict("the message was deleted", state="deleted")
+        self._execute(
+            conn,
+            "UPDATE messages SET body = ?, edited_at = ? WHERE id = ?",
+            (request.body, request.at, current.id),
+        )
+        return self._get_message(conn, request.session_id, request.message_id)
+
+    def _delete_message(self, conn: Connection, request: m.DeleteMessage) -> ChatMessage:
+        current = self._get_message(conn, request.session_id, request.message_id)
+        if current.sender != request.by and not request.as_admin:
+            raise Forbidden("only the sender or an admin may delete a message")
+        self._execute(
+            conn,
+            "UPDATE messages SET body = NULL, deleted = TRUE, edited_at = COALESCE(edited_at, ?)"
+            " WHERE id = ?",
+            (request.at, current.id),
+        )
+        return self._get_message(conn, request.session_id, request.message_id)
+
+    def _raise_mark(self, conn: Connection, request: m.RaiseMark) -> Marks:
+        read = request.seq if request.kind == "read" else 0
+        self._execute(
+            conn,
+            "INSERT INTO marks (session_id, user_id, delivered_seq, read_seq) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (session_id, user_id) DO UPDATE SET"
+            f" delivered_seq = {self.GREATEST}(marks.delivered_seq, excluded.delivered_seq),"
+            f" read_seq = {self.GREATEST}(marks.read_seq, excluded.read_seq)",
+            (request.session_id, request.user, request.seq, read),
+        )
+        return self._get_marks(conn, request.session_id, request.user)
+
+    def _reconcile(self, conn: Connection, now: int) -> tuple[str, ...]:
+        """After a restart: segments stop at their last checkpoint; the gap is on the timeline."""
+        rows = self._execute(
+            conn,
+            "SELECT b.session_id, b.checkpoint_at FROM billing b JOIN sessions s"
+            " ON s.id = b.session_id WHERE s.state = 'active' AND b.open",
+        ).fetchall()
+        for session_id, checkpoint_at in rows:
+            self._execute(conn, "UPDATE billing SET open = FALSE WHERE session_id = ?", (session_id,))
+            self._append_timeline(
+                conn,
+                (
+                    TimelineEntry(
+                        session_id=session_id,
+                        at=now,
+                        kind=BILLING_GAP,
+                        actor="server",
+                        detail={"from": checkpoint_at, "to": now, "reason": "server restart"},
+                    ),
+                ),
+            )
+        active = self._execute(conn, "SELECT id FROM sessions WHERE state = 'active'").fetchall()
+        return tuple(row[0] for row in active)
+
+    # ---------------------------------------------------------------- reads
+
+    @_mapped
+    def read(self, conn: Connection, request: m.ReadRequest) -> Any:
+        match request:
+            case m.GetSession(session_id=session_id):
+                return self._get_session(conn, session_id)
+            case m.ListSessions():
+                return self._list_sessions(conn, request)
+            case m.GetMessages():
+                return self._get_messages(conn, request)
+            case m.GetMessage(session_id=session_id, message_id=message_id):
+                return self._get_message(conn, session_id, message_id)
+            case m.GetChatState(session_id=session_id, user=user):
+                row = self._execute(
+                    conn,
+                    "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = ?",
+                    (session_id,),
+                ).fetchone()
+                return row[0], self._get_marks(conn, session_id, user)
+            case m.GetBilling(session_id=session_id):
+                return self._get_billing(conn, session_id)
+            case m.GetTimeline(session_id=session_id, limit=limit):
+                rows = self._execute(
+                    conn,
+                    "SELECT session_id, at, kind, actor, detail FROM timeline"
+                    " WHERE session_id = ? ORDER BY id LIMIT ?",
+                    (session_id, limit),
+                ).fetchall()
+                return tuple(
+                    TimelineEntry(
+                        session_id=r[0], at=r[1], kind=r[2], actor=r[3], detail=orjson.loads(r[4])
+                    )
+                    for r in rows
+                )
+            case m.GetIdempotentReply(user=user, route=route, key=key):
+                row = self._execute(
+                    conn,
+                    "SELECT status, body FROM idempotency WHERE user_id = ? AND route = ? AND key = ?",
+                    (user, route, key),
+                ).fetchone()
+                return None if row is None else (row[0], bytes(row[1]))
+            case m.ProbeRead():
+                self._execute(conn, "SELECT 1").fetchone()
+                return None
+        raise TypeError(f"unknown read request {request!r}")
+
+    def _get_session(self, conn: Connection, session_id: str) -> SessionRecord:
+        row = self._execute(
+            conn, f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no session {session_id}")
+        return session_from_row(row)
+
+    def _list_sessions(
+        self, conn: Connection, request: m.ListSessions
+    ) -> tuple[tuple[SessionRecord, ...], int | None]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if request.user is not None:
+            source = (
+                f"SELECT {', '.join('s.' + c.strip() for c in SESSION_COLUMNS.split(','))}"
+                " FROM participants p JOIN sessions s ON s.cursor = p.cursor WHERE p.user_id = ?"
+            )
+            params.append(request.user)
+            prefix = "s."
+        else:
+            source = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE 1 = 1"
+            prefix = ""
+        if request.state is not None:
+            clauses.append(f"{prefix}state = ?")
+            params.append(request.state)
+        if request.cursor is not None:
+            clauses.append(f"{prefix}cursor < ?")
+            params.append(request.cursor)
+        sql = source + "".join(f" AND {c}" for c in clauses)
+        sql += f" ORDER BY {prefix}cursor DESC LIMIT ?"
+        params.append(request.limit + 1)
+        rows = self._execute(conn, sql, params).fetchall()
+        page = rows[: request.limit]
+        next_cursor = page[-1][14] if len(rows) > request.limit else None
+        return tuple(session_from_row(r) for r in page), next_cursor
+
+    def _get_messages(self, conn: Connection, request: m.GetMessages) -> tuple[ChatMessage, ...]:
+        if request.before_seq is not None:
+            lower = request.after_seq if request.after_seq is not None else 0
+            rows = self._execute(
+                conn,
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?"
+                " AND seq < ? AND seq > ? ORDER BY seq DESC LIMIT ?",
+                (request.session_id, request.before_seq, lower, request.limit),
+            ).fetchall()
+            rows.reverse()
+        else:
+            rows = self._execute(
+                conn,
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE session_id = ?"
+                " AND seq > ? ORDER BY seq LIMIT ?",
+                (request.session_id, request.after_seq or 0, request.limit),
+            ).fetchall()
+        return tuple(message_from_row(r) for r in rows)
+
+    def _get_message(self, conn: Connection, session_id: str, message_id: str) -> ChatMessage:
+        row = self._execute(
+            conn,
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ? AND session_id = ?",
+            (message_id, session_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no message {message_id} in session {session_id}")
+        return message_from_row(row)
+
+    def _get_marks(self, conn: Connection, session_id: str, user: str) -> Marks:
+        row = self._execute(
+            conn,
+            "SELECT delivered_seq, read_seq FROM marks WHERE session_id = ? AND user_id = ?",
+            (session_id, user),
+        ).fetchone()
+        return Marks() if row is None else Marks(delivered_seq=row[0], read_seq=row[1])
+
+    def _get_billing(self, conn: Connection, session_id: str) -> m.BillingState | None:
+        row = self._execute(
+            conn,
+            "SELECT rate_per_minute, currency, segments, open, checkpoint_at, final FROM billing"
+            " WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return m.BillingState(
+            session_id=session_id,
+            rate_per_minute=row[0],
+            currency=row[1],
+            segments=tuple((s, e) for s, e in orjson.loads(row[2] or "[]")),
+            open=bool(row[3]),
+            checkpoint_at=row[4],
+            final=bool(row[5]),
+        )
+
