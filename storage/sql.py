@@ -386,17 +386,15 @@ class SqlBackend:
         ).fetchall()
         for session_id, checkpoint_at in rows:
             self._execute(conn, "UPDATE billing SET open = FALSE WHERE session_id = ?", (session_id,))
+            # a clock stepped back while the server was down must not put the gap before
+            # what the session already stored: its instants never go backwards
+            resumed = now if checkpoint_at is None else max(now, checkpoint_at)
+            detail: dict[str, Any] = {"from": checkpoint_at, "to": resumed, "reason": "server restart"}
+            if resumed != now:
+                detail["clock_behind_ms"] = resumed - now
             self._append_timeline(
                 conn,
-                (
-                    TimelineEntry(
-                        session_id=session_id,
-                        at=now,
-                        kind=BILLING_GAP,
-                        actor="server",
-                        detail={"from": checkpoint_at, "to": now, "reason": "server restart"},
-                    ),
-                ),
+                (TimelineEntry(session_id=session_id, at=resumed, kind=BILLING_GAP, actor="server", detail=detail),),
             )
         active = self._execute(conn, "SELECT id FROM sessions WHERE state = 'active'").fetchall()
         return tuple(row[0] for row in active)
