@@ -29,6 +29,7 @@ from domain import metrics
 from domain.clock import WallClock
 from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, Unauthorized
 from domain.identity import Identity
+from domain.ratelimit import TokenBucket
 from domain.settings import Settings
 from protocol import wire
 from storage import messages as sm
@@ -224,8 +225,9 @@ class Connection:
         )
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
         self.last_alive = trio.current_time()
-        self._tokens = float(ctx.settings.frame_burst)
-        self._tokens_at = trio.current_time()
+        self._bucket = TokenBucket(
+            rate=ctx.settings.frames_per_second, burst=ctx.settings.frame_burst, now=trio.current_time()
+        )
         self._strikes = 0
         self._scope: trio.CancelScope | None = None
         self._finished: _Finished | None = None  # set when something outside the tasks ends it
@@ -344,14 +346,7 @@ class Connection:
                 self._fail(request.ref, ParleyError("the server is overloaded; try again"))
 
     def _take_token(self) -> bool:
-        now = trio.current_time()
-        rate, burst = self.settings.frames_per_second, self.settings.frame_burst
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+        return self._bucket.take(trio.current_time()) == 0.0
 
     def _fail(self, ref: str | None, error: ParleyError) -> None:
         metrics.ERRORS.labels(error.code).inc()
