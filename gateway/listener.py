@@ -193,6 +193,11 @@ class _HTTPConnection(TCPServer):
         if closing.cancelled_caught:
             await trio.aclose_forcefully(self.stream)
 
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # the client is gone: do not keep the connection (and its count) for the idle timer
+        await self.idle_task.stop()
+
 
 class _ServerWebSocket(trio_websocket.WebSocketConnection):
     """trio-websocket's server connection, with two changes at its event handlers:

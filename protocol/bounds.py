@@ -16,7 +16,6 @@ import itertools
 from typing import Annotated, Any
 
 import msgspec
-import orjson
 
 from domain.errors import BadRequest
 
@@ -27,6 +26,7 @@ INT_MAX = 2**63 - 1
 Int64 = Annotated[int, msgspec.Meta(ge=INT_MIN, le=INT_MAX)]
 NonNegativeInt64 = Annotated[int, msgspec.Meta(ge=0, le=INT_MAX)]
 
+_any = msgspec.json.Decoder()
 _NOT_BRACKET_OR_QUOTE = bytes(range(256)).translate(None, b'[]{}"')
 _SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
@@ -45,9 +45,11 @@ def too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     brackets = raw.translate(None, _NOT_BRACKET_OR_QUOTE)
     if b'"' in brackets:  # keep what lies outside strings: the even pieces between quotes
         brackets = b"".join(brackets.split(b'"')[::2])
-    for _ in range(2):  # cheap passes that drop shallow balanced runs such as [][][]
-        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
-    if len(brackets) <= limit:
+    # cheap passes (each takes off one or two levels) settle shallow runs such as [][][]
+    shallow = brackets
+    for _ in range(2):
+        shallow = shallow.replace(b"[]", b"").replace(b"{}", b"")
+    if not shallow:
         return False
     return max(itertools.accumulate(array.array("b", brackets.translate(_SIGNS)))) > limit
 
@@ -73,15 +75,19 @@ def loads(raw: bytes | str) -> Any:
             raise BadRequest("body is not valid UTF-8") from None
     check_text(raw, what="body")
     try:
-        value = orjson.loads(raw)  # refuses invalid UTF-8, NaN and Infinity
-    except orjson.JSONDecodeError as exc:
+        # msgspec keeps big integers exact (orjson would turn them into floats) and refuses
+        # invalid UTF-8, NaN and Infinity
+        value = _any.decode(raw)
+    except msgspec.ValidationError as exc:  # a number past a double's range
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    except msgspec.DecodeError as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     _check_numbers(value)
     return value
 
 
 def _check_numbers(value: Any) -> None:
-    """Every integer in range (orjson gives up to unsigned 64-bit as int, larger as float)."""
+    """Every integer within signed 64-bit."""
     stack = [value]
     while stack:
         item = stack.pop()
