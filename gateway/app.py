@@ -33,6 +33,7 @@ from quart_schema import (
     validate_request,
 )
 from quart_schema.openapi import Info
+from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 from quart_trio import QuartTrio
 from quart_trio.wrappers.request import TrioRequest
 from werkzeug.exceptions import HTTPException
@@ -517,4 +518,21 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             admin = request.args.get("admin") in ("1", "true")
             return _json({"token": mint(user, admin=admin), "user": user, "admin": admin})
 
+    _document_errors(app)
     return app
+
+
+ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 422, 429, 503)
+
+
+def _document_errors(app: QuartTrio) -> None:
+    """Every /api route may answer the error body with these statuses: say so in /openapi.json."""
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/"):
+            continue
+        func = app.view_functions[rule.endpoint]
+        responses = getattr(func, QUART_SCHEMA_RESPONSE_ATTRIBUTE, None)
+        if responses is None:
+            continue
+        for status in ERROR_STATUSES:
+            responses.setdefault(status, (schemas.Error, None))
