@@ -16,7 +16,7 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 
 @pytest.mark.parametrize("admin", [True, False], ids=["admin", "user"])
-async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(make_server, admin):
+async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(make_server, admin, tmp_path):
     server = await make_server(rest_writes_per_second=100_000.0, rest_write_burst=100_000)
     await server.create_session(payer="alice", provider="bob")
     st = Path(sys.executable).with_name("st")
@@ -27,7 +27,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(make_server, adm
         [str(st), "run", f"{server.base_url}/openapi.json", "--checks", CHECKS, "-H",
          f"Authorization: Bearer {token}", "--max-examples", EXAMPLES, "--seed", "1", "--no-color",
          "--phases", "examples,coverage,fuzzing", "--exclude-path", "/metrics"],  # text, not JSON
-        capture_stdout=True, capture_stderr=True, check=False,
+        capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path,  # its .schemathesis/ goes there
     )
     output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     assert result.returncode == 0, output[-6000:]
