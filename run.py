@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import trio
 
 from domain.errors import StorageUnavailable
 from domain.settings import Settings
+from gateway.origins import parse_allowed
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -31,6 +33,18 @@ def _env_bool(name: str) -> bool:
 
 def _urls(value: str | None) -> tuple[str, ...]:
     return tuple(u.strip() for u in (value or "").split(",") if u.strip())
+
+
+class RedactTokens(logging.Filter):
+    """No log line carries a query-string token (PRODUCT.md section 8), whoever logs it."""
+
+    PATTERN = re.compile(r"(token=)[^&\s'\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = self.PATTERN.sub(r"\1[redacted]", message), None
+        return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-connections-per-user", type=int,
                        default=int(_env("MAX_CONNECTIONS_PER_USER", str(defaults.max_connections_per_user))),
                        help="open WebSockets per user (PARLEY_MAX_CONNECTIONS_PER_USER)")
+        p.add_argument("--max-connections-per-address", type=int,
+                       default=int(_env("MAX_CONNECTIONS_PER_ADDRESS", str(defaults.max_connections_per_address))),
+                       help="open TCP connections per client IP, 0 for no limit (PARLEY_MAX_CONNECTIONS_PER_ADDRESS)")
+        p.add_argument("--max-connections", type=int,
+                       default=int(_env("MAX_CONNECTIONS", str(defaults.max_connections))),
+                       help="open TCP connections in all; 0: the open-file limit less a reserve (PARLEY_MAX_CONNECTIONS)")
+        p.add_argument("--keep-alive-timeout", type=float,
+                       default=float(_env("KEEP_ALIVE_TIMEOUT", str(defaults.http_keep_alive_timeout))),
+                       help="seconds an idle HTTP keep-alive connection stays open (PARLEY_KEEP_ALIVE_TIMEOUT)")
+        p.add_argument("--rest-writes-per-second", type=float,
+                       default=float(_env("REST_WRITES_PER_SECOND", str(defaults.rest_writes_per_second))),
+                       help="sustained REST writes per non-admin user (PARLEY_REST_WRITES_PER_SECOND)")
+        p.add_argument("--allowed-origins", default=_env("ALLOWED_ORIGINS", ""),
+                       help="browser origins allowed besides the server's own, comma-separated; "
+                            "entries may end in :* (PARLEY_ALLOWED_ORIGINS)")
         p.add_argument("--turn-ttl", type=int, default=int(_env("TURN_TTL", str(defaults.turn_ttl))),
                        help="seconds TURN credentials stay valid (PARLEY_TURN_TTL)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
@@ -100,6 +129,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         frames_per_second=args.frames_per_second,
         frame_burst=max(1, int(args.frames_per_second * 4)),
         max_connections_per_user=args.max_connections_per_user,
+        max_connections_per_address=args.max_connections_per_address,
+        max_connections=args.max_connections,
+        http_keep_alive_timeout=args.keep_alive_timeout,
+        rest_writes_per_second=args.rest_writes_per_second,
+        rest_write_burst=max(1, int(args.rest_writes_per_second * 4)),
+        allowed_origins=parse_allowed(args.allowed_origins),
         redis_url=_env("REDIS_URL") or None,
         database_url=args.database_url or None,
         log_level=args.log_level,
@@ -139,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactTokens())
+    from gateway.listener import raise_open_file_limit
+
+    before, after = raise_open_file_limit()
+    log = logging.getLogger("parley")
+    if after != before:
+        log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
+    else:
+        log.info("open-file limit: %d", after)
     if settings.redis_url:
         logging.getLogger("parley").error(
             "PARLEY_REDIS_URL: cluster mode is not implemented yet; unset it to run one node "

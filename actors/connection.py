@@ -31,6 +31,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from domain import metrics
 from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, StorageUnavailable, Unauthorized
 from domain.identity import Identity
+from domain.ratelimit import TokenBucket
 from domain.settings import Settings
 from protocol import replies, wire
 from storage import messages as sm
@@ -153,8 +154,9 @@ class Connection:
         self._outbox_send, self._outbox = trio.open_memory_channel[Outgoing](ctx.settings.outbox_frames)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
         self.last_alive = trio.current_time()
-        self._tokens = float(ctx.settings.frame_burst)
-        self._tokens_at = trio.current_time()
+        self._bucket = TokenBucket(
+            rate=ctx.settings.frames_per_second, burst=ctx.settings.frame_burst, now=trio.current_time()
+        )
         self._strikes = 0
         self._scope = trio.CancelScope()
         self._finished: _Finished | None = None
@@ -318,14 +320,7 @@ class Connection:
                 self._fail(request.ref, StorageUnavailable("the server is overloaded; try again"))
 
     def _take_token(self) -> bool:
-        now = trio.current_time()
-        rate, burst = self.settings.frames_per_second, self.settings.frame_burst
-        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * rate)
-        self._tokens_at = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+        return self._bucket.take(trio.current_time()) == 0.0
 
     def _fail(self, ref: str | None, error: ParleyError) -> None:
         metrics.ERRORS.labels(error.code).inc()

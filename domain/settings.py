@@ -26,6 +26,14 @@ class Settings:
     frames_per_second: float = 50.0  # per connection, token bucket
     frame_burst: int = 200
     outbox_frames: int = 256  # per connection; full → closed 1008 as a slow consumer
+    ping_frames_per_second: float = 5.0  # WebSocket ping control frames a client may send
+    ping_frame_burst: int = 20
+    rest_writes_per_second: float = 10.0  # per non-admin user: POST/PATCH/DELETE under /api
+    rest_write_burst: int = 40
+    max_connections_per_address: int = 128  # TCP connections per client IP; 0: no limit
+    max_connections: int = 0  # TCP connections in all; 0: as many as the open-file limit allows
+    http_keep_alive_timeout: float = 5.0  # idle HTTP keep-alive connections are closed after this
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own (empty: dev defaults)
     # storage
     storage_batch: int = 256  # most writes committed in one transaction
     sqlite_synchronous: str = "FULL"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
+from contextlib import asynccontextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,14 +33,16 @@ from quart_schema import (
     validate_request,
 )
 from quart_schema.openapi import Info
+from quart_schema.validation import QUART_SCHEMA_RESPONSE_ATTRIBUTE
 from quart_trio import QuartTrio
+from quart_trio.wrappers.request import TrioRequest
 from werkzeug.exceptions import HTTPException
 
 from actors.connection import ConnectionContext
 from actors.directory import call_session
 from actors.ports import ReplyTo
 from actors.session import DeleteChat, EditChat, GetLiveBilling, SendChat, SessionMessage, Transition
-from domain import metrics
+from domain import audit, metrics
 from domain import session as lifecycle
 from domain.billing import amount_minor
 from domain.clock import iso
@@ -48,22 +52,76 @@ from domain.errors import (
     Forbidden,
     NotFound,
     ParleyError,
+    RateLimited,
     StorageUnavailable,
     Unauthorized,
     Unprocessable,
 )
 from domain.identity import Identity
+from domain.ratelimit import RateLimiter, retry_after_header
 from domain.session import SessionRecord
 from domain.timeline import CREATED, TimelineEntry
-from protocol import replies, wire
+from protocol import bounds, replies, wire
 from storage import messages as sm
 
 from . import schemas
+from .origins import origin_allowed
 
 R = TypeVar("R")
 
 STATIC = Path(__file__).parent / "static"
 IDEMPOTENCY_KEY_CHARS = 128
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CURSOR = re.compile(r"[0-9]{1,19}")
+CORS_MAX_AGE = 600
+
+
+class BoundedRequest(TrioRequest):
+    """Request bodies decoded by the one bounded JSON decoder (protocol/bounds.py): bytes
+    in, so invalid UTF-8, deep nesting and out-of-range integers are a 400, never a 500."""
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if cache and self._cached_json[silent] is not Ellipsis:
+            return self._cached_json[silent]
+        if not (force or self.is_json):
+            return None
+        data = await self.get_data(cache=cache, as_text=False)
+        try:
+            result = bounds.loads(data)
+        except BadRequest:
+            if not silent:
+                raise
+            result = None
+        if cache:
+            self._cached_json[silent] = result
+        return result
+
+
+class IdempotencyGate:
+    """The one owner of in-flight Idempotency-Keys in this process.
+
+    The first request with a key runs; one arriving while it runs waits for it to end and
+    then finds its stored reply (instead of running too, and getting a 409 from the
+    transition the first one made). The wait is sync-checked: no checkpoint between
+    finding no holder and becoming the holder.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, trio.Event] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable) -> AsyncIterator[None]:
+        while (running := self._running.get(key)) is not None:
+            await running.wait()
+        done = self._running[key] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._running[key]
+            done.set()
+
+    def __len__(self) -> int:
+        return len(self._running)
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -73,6 +131,16 @@ def _json(body: Any, status: int = 200) -> Response:
 def _error(error: ParleyError) -> Response:
     metrics.ERRORS.labels(error.code).inc()
     return _json({"error": {"code": error.code, "message": error.message, **error.extra}}, error.status)
+
+
+def _same_session(stored: SessionRecord, data: schemas.CreateSession) -> bool:
+    """Whether a replayed create carried the same body as the one that made the session."""
+    return (
+        (stored.payer, stored.provider, tuple(stored.guests), stored.rate_per_minute, stored.currency,
+         stored.max_amount_minor, stored.metadata)
+        == (data.payer, data.provider, tuple(data.guests), data.rate_per_minute, data.currency,
+            data.max_amount_minor, data.metadata)
+    )
 
 
 def _billing_wire(session: SessionRecord, state: sm.BillingState | replies.LiveBilling | None) -> dict:
@@ -102,7 +170,10 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         return result
 
     app = QuartTrio("parley", static_folder=None)
+    app.request_class = BoundedRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    writes = RateLimiter(rate=settings.rest_writes_per_second, burst=settings.rest_write_burst)
+    gate = IdempotencyGate()
     QuartSchema(
         app,
         info=Info(title="Parley", version="0.1.0", description="Signaling, chat and billing for paid calls."),
@@ -116,7 +187,33 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
 
     @app.errorhandler(ParleyError)
     async def _parley_error(error: ParleyError) -> Response:
+        if isinstance(error, Unauthorized | Forbidden):
+            caller = g.get("caller")
+            audit.refused(
+                who=caller.user if caller else None, what=f"{request.method} {request.path}",
+                session=(request.view_args or {}).get("session_id"), why=error.message,
+                address=request.remote_addr,
+            )
         return _error(error)
+
+    # ------------------------------------------------------------ browsers (CORS)
+
+    @app.after_request
+    async def _cors(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return response
+        response.vary.add("Origin")
+        if not origin_allowed(origin, host=request.headers.get("Host"), allowed=settings.allowed_origins,
+                              dev=settings.dev):
+            return response
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Idempotency-Key"
+            response.headers["Access-Control-Max-Age"] = str(CORS_MAX_AGE)
+        return response
 
     @app.errorhandler(trio.TooSlowError)
     async def _too_slow(timeout: trio.TooSlowError) -> Response:
@@ -153,6 +250,12 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
                 raise Unauthorized("send Authorization: Bearer <token>")
             identity = services.authenticate(token.strip())
             g.caller = identity
+            if request.method in WRITE_METHODS and not identity.is_admin:
+                wait = writes.take(identity.user, trio.current_time())
+                if wait:
+                    response = _error(RateLimited("too many writes; slow down", retry_after=round(wait, 3)))
+                    response.headers["Retry-After"] = retry_after_header(wait)
+                    return response
             return await handler(*args, **kwargs)
 
         return wrapper
@@ -188,11 +291,13 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             max_amount_minor=data.max_amount_minor, created_at=now_ms, metadata=data.metadata,
             created_by=caller.user,
         )
-        stored, _replayed = await storage.write(sm.CreateSession(
+        stored, replayed = await storage.write(sm.CreateSession(
             session=record, idempotency_key=idempotency_key(),
             timeline=TimelineEntry(session_id=record.id, at=now_ms, kind=CREATED, actor=caller.user,
                                    detail={"rate_per_minute": record.rate_per_minute, "currency": record.currency}),
         ))
+        if replayed and not _same_session(stored, data):
+            raise Unprocessable("this Idempotency-Key was used with a different body", session=stored.id)
         return _json(wire.record(stored), 201)
 
     @app.get("/api/sessions")
@@ -204,7 +309,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         caller: Identity = g.caller
         cursor = None
         if query_args.cursor is not None:
-            if not query_args.cursor.isdigit():
+            if not CURSOR.fullmatch(query_args.cursor) or int(query_args.cursor) > bounds.INT_MAX:
                 raise Unprocessable("cursor: not a cursor this server gave out")
             cursor = int(query_args.cursor)
         page, next_cursor = await storage.read(sm.ListSessions(
@@ -226,24 +331,28 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
         await visible_session(session_id)
         caller: Identity = g.caller
         key = idempotency_key()
+        if key is None:
+            return await run_transition(session_id, name, caller)
         route = f"POST /api/sessions/{session_id}/{name}"
-        if key is not None:
+        async with gate.hold((caller.user, route, key)):
             earlier = await storage.read(sm.GetIdempotentReply(user=caller.user, route=route, key=key))
             if earlier is not None:
                 return Response(earlier[1], status=earlier[0], content_type="application/json")
-        try:
-            changed = await ask(
-                session_id, lambda reply: Transition(caller=caller, name=name, reply=reply), replies.SessionChanged
-            )
-            response = _json(wire.record(changed.session))
-        except Conflict as exc:
-            response = _error(exc)
-        if key is not None:
+            response = await run_transition(session_id, name, caller)
             await storage.write(sm.SaveIdempotentReply(
                 user=caller.user, route=route, key=key, status=response.status_code,
                 body=await response.get_data(),
             ))
-        return response
+            return response
+
+    async def run_transition(session_id: str, name: str, caller: Identity) -> Response:
+        try:
+            changed = await ask(
+                session_id, lambda reply: Transition(caller=caller, name=name, reply=reply), replies.SessionChanged
+            )
+            return _json(wire.record(changed.session))
+        except Conflict as exc:
+            return _error(exc)
 
     @app.post("/api/sessions/<session_id>/start")
     @document_response(schemas.Session)
@@ -375,20 +484,23 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     # ------------------------------------------------------------ operations
 
     @app.get("/healthz")
-    @hide
+    @document_response(schemas.Health)
     async def healthz() -> Response:
+        """Liveness: the process answers."""
         return _json({"status": "ok"})
 
     @app.get("/readyz")
-    @hide
+    @document_response(schemas.Health)
+    @document_response(schemas.Health, 503)
     async def readyz() -> Response:
+        """Readiness: 200 while storage reads and commits, 503 while it cannot."""
         if await storage.check_ready(services.clock.now_ms()):
             return _json({"status": "ready"})
         return _json({"status": "unavailable", "error": {"code": "internal", "message": "storage unavailable"}}, 503)
 
     @app.get("/metrics")
-    @hide
     async def prometheus() -> Response:
+        """Prometheus text exposition (`text/plain; version=0.0.4`)."""
         stats = storage.statistics()
         metrics.STORAGE_QUEUE.set(stats.queued)
         return Response(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
@@ -423,4 +535,21 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             admin = request.args.get("admin") in ("1", "true")
             return _json({"token": mint(user, admin=admin), "user": user, "admin": admin})
 
+    _document_errors(app)
     return app
+
+
+ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 422, 429, 503)
+
+
+def _document_errors(app: QuartTrio) -> None:
+    """Every /api route may answer the error body with these statuses: say so in /openapi.json."""
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/"):
+            continue
+        func = app.view_functions[rule.endpoint]
+        responses = getattr(func, QUART_SCHEMA_RESPONSE_ATTRIBUTE, None)
+        if responses is None:
+            continue
+        for status in ERROR_STATUSES:
+            responses.setdefault(status, (schemas.Error, None))

@@ -18,6 +18,7 @@ log = logging.getLogger("parley.auth")
 ALGORITHM = "HS256"
 SECRET_FILE = "secret"
 MAX_USER_CHARS = 128
+TIME_CLAIMS = ("exp", "iat", "nbf")  # NumericDate (RFC 7519 section 2): a JSON number, never a string
 
 
 def load_or_create_secret(data_dir: Path, configured: str | None) -> str:
@@ -58,6 +59,10 @@ class TokenVerifier:
             raise Unauthorized("token expired") from None
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
+        for claim in TIME_CLAIMS:
+            value = claims.get(claim)
+            if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise Unauthorized(f"invalid token: `{claim}` must be a number")
         user, role = claims.get("sub"), claims.get("role", "user")
         if not isinstance(user, str) or not user or len(user) > MAX_USER_CHARS:
             raise Unauthorized("invalid token: `sub` must be a non-empty string")

@@ -6,30 +6,59 @@ alive: its last frame or pong"). So the listener reads each connection's
 request head itself: a WebSocket upgrade of `/ws` goes to trio-websocket and a
 connection actor (which sees every pong); anything else is replayed, byte for
 byte, into Hypercorn serving the quart-trio app.
+
+Connection lifetimes (PRODUCT.md section 8: no client holds file descriptors
+without limit):
+- the listener counts connections per client address and in all; past either cap
+  a new connection gets a one-line HTTP refusal and is closed at once, so the
+  process never reaches its open-file limit (and `accept` never fails with EMFILE);
+- `/ws` upgrades whose `Origin` is not allowed get 403 before the upgrade;
+- HTTP connections are closed after `http_keep_alive_timeout` idle seconds, after a
+  response to `Connection: close` or HTTP/1.0, and after a refused body (413).
+  Hypercorn does all of that, but from inside the application's task, which
+  quart-trio cancels as soon as the response is sent: the close and the idle timer
+  were cancelled with it, and the connection stayed open for good. `_HTTPConnection`
+  runs those steps shielded, each under a deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState as WSState
+from wsproto.events import CloseConnection, Ping
 
 from actors import connection
+from domain import audit, metrics
+from domain.ratelimit import TokenBucket
+
+from .origins import origin_allowed
 
 log = logging.getLogger("parley.listener")
 
 HEAD_LIMIT = 16 * 1024
 HEAD_TIMEOUT = 10.0
 HTTP_SHUTDOWN_GRACE = 1.0
+HTTP_SEND_TIMEOUT = 10.0  # a client that reads nothing of a response for this long is dropped
+HTTP_CLOSE_TIMEOUT = 2.0
+REFUSE_TIMEOUT = 1.0
+FD_RESERVE = 64  # open files kept free of connections: SQLite, its WAL, logs, listening sockets
 WS_QUEUE = 4  # frames trio-websocket reads ahead before TCP pushes back
+PING_STRIKES = 100  # client pings over the rate in a row before the connection is closed (4008)
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -73,23 +102,157 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         return self._stream.getsockopt(*args)
 
 
-def parse_head(head: bytes) -> tuple[bool, str | None]:
-    """(is a WebSocket upgrade of /ws, the `token` query parameter if any)."""
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the listener needs of a request head (the rest is Hypercorn's business)."""
+
+    websocket: bool = False  # a WebSocket upgrade of /ws
+    token: str | None = None  # the `token` query parameter
+    origin: str | None = None
+    host: str | None = None
+
+
+def parse_head(head: bytes) -> Head:
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] != b"GET":
-        return False, None
+        return Head()
     target = urllib.parse.urlsplit(parts[1].decode("latin-1"))
     if target.path != "/ws":
-        return False, None
-    upgrade = any(
-        line.split(b":", 1)[0].strip().lower() == b"upgrade"
-        and b"websocket" in line.split(b":", 1)[1].lower()
-        for line in lines[1:]
-        if b":" in line
-    )
+        return Head()
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if colon:
+            headers.setdefault(name.strip().lower(), value.strip())
+    upgrade = b"websocket" in headers.get(b"upgrade", b"").lower()
     tokens = urllib.parse.parse_qs(target.query).get("token")
-    return upgrade, tokens[0] if tokens else None
+    origin, host = headers.get(b"origin"), headers.get(b"host")
+    return Head(
+        websocket=upgrade, token=tokens[0] if tokens else None,
+        origin=None if origin is None else origin.decode("latin-1"),
+        host=None if host is None else host.decode("latin-1"),
+    )
+
+
+def _plain_response(status: str, code: str, message: str, *extra: str) -> bytes:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one (at start); returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    return soft, target
+
+
+def connection_cap(configured: int) -> int:
+    """Connections held at once: as configured, and never more than the open-file limit allows."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    by_files = (1 << 30) if soft == resource.RLIM_INFINITY else max(1, soft - FD_RESERVE)
+    return min(configured, by_files) if configured > 0 else by_files
+
+
+class _HTTPConnection(TCPServer):
+    """Hypercorn's connection driver, with the steps that end a connection shielded.
+
+    quart-trio cancels the application task right after the response; Hypercorn sends
+    `Closed` (Connection: close, HTTP/1.0, a refused body) and re-arms its keep-alive
+    timer (`Updated(idle=True)`) from that same task, so both were cancelled at their
+    first checkpoint. Here they run shielded, each under a deadline; a response the
+    client does not read within HTTP_SEND_TIMEOUT drops the connection.
+    """
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(HTTP_SEND_TIMEOUT) as sending:
+                    async with self.send_lock:
+                        try:
+                            await self.stream.send_all(event.data)
+                            return
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                if sending.cancelled_caught:
+                    await trio.aclose_forcefully(self.stream)
+                with trio.move_on_after(HTTP_CLOSE_TIMEOUT):
+                    await self.protocol.handle(Closed())
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(HTTP_CLOSE_TIMEOUT) as closing:
+            await super().protocol_send(event)
+        if closing.cancelled_caught:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # the client is gone: do not keep the connection (and its count) for the idle timer
+        await self.idle_task.stop()
+
+
+class _ServerWebSocket(trio_websocket.WebSocketConnection):
+    """trio-websocket's server connection, with two changes at its event handlers:
+
+    - a frame that breaks the protocol (bad framing 1002, invalid UTF-8 text 1007) gets a
+      close frame with that code before the TCP connection ends; trio-websocket treats
+      wsproto's synthesized close as if the peer had sent it and drops the socket silently;
+    - client ping frames are rate limited by the same token bucket as data frames: a ping
+      over the rate gets no pong, and PING_STRIKES of them in a row close with 4008.
+    """
+
+    def __init__(self, *args: Any, ping_rate: float, ping_burst: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
+        self._ping_strikes = 0
+
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        if self._wsproto.state == WSState.OPEN:  # not the peer's close: wsproto refused a frame
+            metrics.ERRORS.labels("bad_request").inc()
+            with trio.move_on_after(connection.CLOSE_TIMEOUT):
+                try:
+                    await self._send(CloseConnection(code=event.code, reason=(event.reason or "")[:120]))
+                except trio_websocket.ConnectionClosed:
+                    pass
+        await super()._handle_close_connection_event(event)
+
+    async def _handle_ping_event(self, event: Ping) -> None:
+        if self._ping_bucket.take(trio.current_time()) == 0.0:
+            self._ping_strikes = 0
+            await super()._handle_ping_event(event)
+            return
+        metrics.ERRORS.labels("rate_limited").inc()
+        self._ping_strikes += 1
+        if self._ping_strikes > PING_STRIKES:
+            reason = "ping rate limit exceeded"
+            self._close_reason = trio_websocket.CloseReason(connection.CLOSE_POLICY, reason)
+            try:
+                await self._send(CloseConnection(code=connection.CLOSE_POLICY, reason=reason))
+            except trio_websocket.ConnectionClosed:
+                pass
+            await self._close_web_socket(connection.CLOSE_POLICY, reason)
+            await self._close_stream()
+            raise trio_websocket.ConnectionClosed(self._close_reason)
+
+
+async def _wrap_server_stream(
+    nursery: trio.Nursery, stream: trio.abc.Stream, *, max_message_size: int, ping_rate: float, ping_burst: int,
+) -> trio_websocket.WebSocketRequest:
+    """`trio_websocket.wrap_server_stream` (0.12.2), with `_ServerWebSocket`."""
+    ws = _ServerWebSocket(
+        stream, WSConnection(ConnectionType.SERVER), message_queue_size=WS_QUEUE,
+        max_message_size=max_message_size, ping_rate=ping_rate, ping_burst=ping_burst,
+    )
+    nursery.start_soon(ws._reader_task)
+    return await ws._get_request()
 
 
 class Listener:
@@ -103,10 +266,17 @@ class Listener:
         hypercorn_config: HypercornConfig | None = None,
     ) -> None:
         self.context = context
+        settings = context.settings
         self.config = hypercorn_config or HypercornConfig()
-        self.config.keep_alive_timeout = 30
+        self.config.keep_alive_timeout = settings.http_keep_alive_timeout
         self.app = wrap_app(app, self.config.wsgi_max_body_size, "asgi")
         self.worker_context = WorkerContext(None)
+        self.per_address = settings.max_connections_per_address
+        self.cap = connection_cap(settings.max_connections)
+        self._open: dict[str, int] = {}  # client address → open connections (this listener owns it)
+        self._total = 0
+        log.info("connections: at most %d in all, %s per client address", self.cap,
+                 self.per_address if self.per_address > 0 else "no limit")
 
     async def serve(
         self,
@@ -120,16 +290,77 @@ class Listener:
             task_status.started(scope)
             await trio.serve_listeners(self.handle, listeners, handler_nursery=handler_nursery)
 
+    def _admit(self, address: str) -> str | None:
+        """Count a new connection in, or say why not (sync: no checkpoint between check and count)."""
+        if self._total >= self.cap:
+            return "server"
+        if self.per_address > 0 and self._open.get(address, 0) >= self.per_address:
+            return "address"
+        self._total += 1
+        self._open[address] = self._open.get(address, 0) + 1
+        return None
+
+    def _release(self, address: str) -> None:
+        self._total -= 1
+        left = self._open[address] - 1
+        if left:
+            self._open[address] = left
+        else:
+            del self._open[address]
+
+    def statistics(self) -> dict[str, int]:
+        return {"open": self._total, "addresses": len(self._open)}
+
     async def handle(self, stream: trio.SocketStream) -> None:
         try:
-            head = await self._read_head(stream)
+            address = stream.socket.getpeername()[0]
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        refused = self._admit(address)
+        if refused is not None:
+            metrics.ERRORS.labels("rate_limited").inc()
+            if refused == "address":
+                reply = _plain_response("429 Too Many Requests", "rate_limited",
+                                        "too many connections from this address", "retry-after: 1")
+            else:
+                reply = _plain_response("503 Service Unavailable", "internal",
+                                        "too many connections", "retry-after: 1")
+            await self._refuse(stream, reply)
+            return
+        try:
+            await self._handle(stream, address)
+        finally:
+            self._release(address)
+
+    async def _refuse(self, stream: trio.SocketStream, reply: bytes) -> None:
+        with trio.move_on_after(REFUSE_TIMEOUT):
+            try:
+                await stream.send_all(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.SocketStream, address: str) -> None:
+        try:
+            raw = await self._read_head(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await trio.aclose_forcefully(stream)
             return
-        is_ws, token = parse_head(head)
-        replay = ReplayStream(stream, head)
-        if is_ws:
-            await self._serve_websocket(replay, token)
+        head = parse_head(raw)
+        replay = ReplayStream(stream, raw)
+        if head.websocket:
+            settings = self.context.settings
+            if head.origin is not None and not origin_allowed(
+                head.origin, host=head.host, allowed=settings.allowed_origins, dev=settings.dev,
+            ):
+                metrics.ERRORS.labels("forbidden").inc()
+                audit.refused(who=None, what="websocket upgrade", session=None,
+                              why=f"Origin {head.origin!r} is not allowed", address=address)
+                await self._refuse(stream, _plain_response(
+                    "403 Forbidden", "forbidden", "this Origin may not open a WebSocket here"))
+                return
+            await self._serve_websocket(replay, head.token)
         else:
             await self._serve_http(replay)
 
@@ -148,9 +379,9 @@ class Listener:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(HEAD_TIMEOUT) as handshake:
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, stream, message_queue_size=WS_QUEUE,
-                        max_message_size=settings.max_frame_bytes,
+                    request = await _wrap_server_stream(
+                        nursery, stream, max_message_size=settings.max_frame_bytes,
+                        ping_rate=settings.ping_frames_per_second, ping_burst=settings.ping_frame_burst,
                     )
                     ws = await request.accept()
                 if handshake.cancelled_caught:
@@ -172,7 +403,7 @@ class Listener:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_shutdown)
-            await TCPServer(self.app, self.config, self.worker_context, ConnectionState({}), stream)
+            await _HTTPConnection(self.app, self.config, self.worker_context, ConnectionState({}), stream)
             nursery.cancel_scope.cancel()
 
 

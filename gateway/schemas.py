@@ -9,6 +9,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from domain.chat import MAX_BODY_CHARS, MAX_HISTORY_LIMIT
+from domain.currency import is_currency
+from protocol.bounds import INT_MAX
 
 MAX_METADATA_BYTES = 4 * 1024
 MAX_METADATA_DEPTH = 16
@@ -35,6 +37,13 @@ class CreateSession(BaseModel):
     guests: list[str] = Field(default_factory=list, max_length=MAX_GUESTS)
     max_amount_minor: int | None = Field(default=None, ge=1, le=10**12, strict=True, description="prepaid budget")
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, currency: str) -> str:
+        if not is_currency(currency):
+            raise ValueError(f"{currency} is not an ISO 4217 currency code")
+        return currency
 
     @field_validator("guests")
     @classmethod
@@ -137,8 +146,8 @@ class MessageList(BaseModel):
 
 
 class MessagesQuery(BaseModel):
-    after_seq: int | None = Field(default=None, ge=0)
-    before_seq: int | None = Field(default=None, ge=0)
+    after_seq: int | None = Field(default=None, ge=0, le=INT_MAX)
+    before_seq: int | None = Field(default=None, ge=0, le=INT_MAX)
     limit: int = Field(default=50, ge=1, le=MAX_HISTORY_LIMIT)
 
 
@@ -161,6 +170,11 @@ class ErrorBody(BaseModel):
 
 class Error(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str
+    error: ErrorBody | None = None
 
 
 class DevToken(BaseModel):
