@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from domain import metrics
+from domain import audit, metrics
 from domain.errors import Forbidden, NotJoined, ParleyError, RateLimited, StorageUnavailable, Unauthorized
 from domain.identity import Identity
 from domain.ratelimit import TokenBucket
@@ -315,6 +315,11 @@ class Connection:
             try:
                 await self._dispatch(request)
             except ParleyError as exc:
+                if isinstance(exc, Forbidden):
+                    audit.refused(
+                        who=self.ref.user, what=type(request).__name__, session=getattr(request, "session", None),
+                        why=exc.message,
+                    )
                 self._fail(request.ref, exc)
             except trio.TooSlowError:
                 self._fail(request.ref, StorageUnavailable("the server is overloaded; try again"))

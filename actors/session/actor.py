@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from domain import metrics
+from domain import audit, metrics
 from domain.billing import Ledger
-from domain.errors import Internal, NotFound, ParleyError, StorageUnavailable
+from domain.errors import Forbidden, Internal, NotFound, ParleyError, StorageUnavailable
 from domain.identity import Identity
 from domain.session import ACTIVE, SessionRecord
 from domain.settings import Settings
@@ -236,6 +236,13 @@ class SessionActor:
             self.orphan_since = trio.current_time()
         self._idle_until = trio.current_time() + IDLE_GRACE
 
+    def _audit(self, message: SessionMessage, refusal: Forbidden) -> None:
+        asker = getattr(message, "caller", None) or getattr(message, "conn", None)
+        audit.refused(
+            who=getattr(asker, "user", None), what=type(message).__name__, session=self.session_id,
+            why=refusal.message,
+        )
+
     def _crashed(self) -> None:
         """The actor is failing: its members hear so, and every queued request gets its answer."""
         metrics.SESSION_CRASHES.inc()
@@ -356,6 +363,8 @@ class SessionActor:
                 case _:
                     log.warning("session %s: dropped unknown message %r", self.session_id, message)
         except ParleyError as exc:
+            if isinstance(exc, Forbidden):
+                self._audit(message, exc)
             if reply is not None:
                 self.reply(reply, exc)
             elif isinstance(exc, StorageUnavailable):

@@ -9,6 +9,7 @@ import jwt
 import pytest
 import trio
 
+from parley_client import RequestError
 from tests.conftest import SECRET
 
 from .rawhttp import open_raw, read_until_close, status_of
@@ -102,6 +103,11 @@ async def test_refused_authorizations_are_audit_logged_without_tokens(server, ca
     async with server.client("mallory") as mallory:
         await mallory.send_raw({"type": "join", "ref": "j", "session": session["id"]})
         assert (await mallory.next_event("error"))["code"] == "forbidden"
+        with pytest.raises(RequestError):
+            await mallory.request("chat.history", session=session["id"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "parley.audit"]
+    assert any("mallory" in line and "JoinSession" in line and session["id"] in line for line in lines), lines
+    assert any("mallory" in line and "ChatHistory" in line and session["id"] in line for line in lines), lines
     await upgrade_status(server.port, "https://evil.example")
     lines = [r.getMessage() for r in caplog.records if r.name == "parley.audit"]
     assert any("evil.example" in line for line in lines), lines
