@@ -356,7 +356,7 @@ class SessionActor:
                 case GetLiveBilling():
                     billing.live(self, message)
                 case BillingDue():
-                    await billing.due(self)
+                    await billing.due(self, end=lifecycle.end)
                 case Flush():
                     await billing.checkpoint(self)
                     self.reply(message.reply, Done())

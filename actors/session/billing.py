@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.session")
 
 STORAGE_RETRY = 1.0  # seconds before a failed checkpoint is tried again
+
+
+class EndSession(Protocol):
+    def __call__(self, s: SessionActor, *, actor: str, reason: str, at_ms: int) -> Awaitable[None]: ...
 
 
 def _both_present(s: SessionActor) -> bool:
@@ -139,9 +144,10 @@ def reschedule(s: SessionActor, *, not_before: float = -math.inf) -> None:
     timer.reschedule(max(not_before, trio.current_time() + max(0, min(due) - s.now_ms()) / 1000))
 
 
-async def due(s: SessionActor) -> None:
+async def due(s: SessionActor, *, end: EndSession) -> None:
+    """The timer fired: end at the budget, warn before it, tick. `end` is lifecycle's."""
     try:
-        await _due_now(s)
+        await _due_now(s, end)
     except (StorageUnavailable, trio.TooSlowError) as exc:
         # the ledger in memory is right; try the write again soon, not in a busy loop
         log.error("session %s: billing checkpoint failed, retrying: %s", s.session_id, exc)
@@ -150,9 +156,7 @@ async def due(s: SessionActor) -> None:
     reschedule(s)
 
 
-async def _due_now(s: SessionActor) -> None:
-    from .lifecycle import end
-
+async def _due_now(s: SessionActor, end: EndSession) -> None:
     ledger = s.ledger
     if ledger is None or not ledger.is_open or s.billing_final:
         return
