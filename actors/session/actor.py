@@ -145,7 +145,6 @@ class SessionActor:
     offset_ms: int = 0  # added to the process's wall clock for this session's instants
     _taken: collections.deque[SessionMessage] = field(default_factory=collections.deque)
     _idle_until: float = math.inf  # an idle actor retires once this has passed
-    _nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------ what handlers use
 
@@ -184,7 +183,6 @@ class SessionActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until retired. A crash answers what is queued, then raises SessionCrashed."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             self.timer = BillingTimer(self.handle.timer_mailbox(), BillingDue())
             nursery.start_soon(self.timer.run)
             task_status.started()
@@ -326,10 +324,6 @@ class SessionActor:
             else:
                 self._taken.append(message)
         return batch
-
-    def start_soon(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
 
     async def _dispatch(self, message: SessionMessage) -> None:
         reply = getattr(message, "reply", None)
