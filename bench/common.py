@@ -156,7 +156,9 @@ def start_parley(data_dir: Path, *, heartbeat: float = 15.0, billing_tick: float
         env.pop(name, None)
     argv = [sys.executable, str(REPO / "run.py"), "serve", "--host", HOST, "--port", "0",
             "--data-dir", str(data_dir), "--heartbeat", str(heartbeat),
-            "--billing-tick", str(billing_tick), "--log-level", "INFO", *extra]
+            "--billing-tick", str(billing_tick), "--log-level", "INFO",
+            # every load generator connects from this one loopback address
+            "--max-connections-per-address", "0", *extra]
     if storage_batch is not None:
         argv += ["--storage-batch", str(storage_batch)]
     server = Server("parley", argv, data_dir / "server.log", env)
