@@ -58,7 +58,7 @@ from domain.timeline import CREATED, TimelineEntry
 from protocol import replies, wire
 from storage import messages as sm
 
-from . import schemas
+from . import schemas, webhooks_api
 
 R = TypeVar("R")
 
@@ -423,4 +423,5 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             admin = request.args.get("admin") in ("1", "true")
             return _json({"token": mint(user, admin=admin), "user": user, "admin": admin})
 
+    webhooks_api.register(app, services)
     return app
