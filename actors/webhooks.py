@@ -205,7 +205,7 @@ class WebhookActor:
                 await check_url(delivery.url, allow_private=self.allow_private)  # again: DNS may have changed
                 async with client.stream("POST", delivery.url, content=delivery.body, headers=headers) as response:
                     read = 0
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.aiter_bytes():
                         read += len(chunk)
                         if read >= RESPONSE_BODY_BYTES:
                             break
