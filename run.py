@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "entries may end in :* (PARLEY_ALLOWED_ORIGINS)")
         p.add_argument("--turn-ttl", type=int, default=int(_env("TURN_TTL", str(defaults.turn_ttl))),
                        help="seconds TURN credentials stay valid (PARLEY_TURN_TTL)")
+        p.add_argument("--allow-private-webhooks", action="store_true", default=_env_bool("ALLOW_PRIVATE_WEBHOOKS"),
+                       help="webhook endpoints may be on loopback/private addresses (PARLEY_ALLOW_PRIVATE_WEBHOOKS=1)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
 
     token = sub.add_parser("token", help="print a token signed with the server's secret")
@@ -126,6 +128,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         turn_urls=_urls(_env("TURN_URLS")),
         stun_urls=_urls(_env("STUN_URLS")),
         turn_ttl=args.turn_ttl,
+        allow_private_webhooks=args.allow_private_webhooks,
         frames_per_second=args.frames_per_second,
         frame_burst=max(1, int(args.frames_per_second * 4)),
         max_connections_per_user=args.max_connections_per_user,

@@ -24,3 +24,13 @@ STORAGE_BATCH = Histogram(
     registry=REGISTRY,
 )
 STORAGE_QUEUE = Gauge("parley_storage_queue", "Writes waiting for the storage actor", registry=REGISTRY)
+WEBHOOKS_SENT = Counter("parley_webhooks_sent", "Webhook deliveries answered 2xx", registry=REGISTRY)
+WEBHOOKS_FAILED = Counter(
+    "parley_webhooks_failed", "Webhook deliveries given up (after 24 h of retries, or 410 Gone)", registry=REGISTRY
+)
+WEBHOOKS_RETRIED = Counter(
+    "parley_webhooks_retried", "Webhook attempts that failed and were scheduled again", registry=REGISTRY
+)
+WEBHOOKS_OLDEST_PENDING = Gauge(
+    "parley_webhooks_oldest_pending_seconds", "Age of the oldest pending webhook delivery", registry=REGISTRY
+)

@@ -42,6 +42,8 @@ class Settings:
     turn_urls: tuple[str, ...] = ()
     stun_urls: tuple[str, ...] = ()
     turn_ttl: int = 3600
+    # webhooks: endpoints on loopback/private/link-local/metadata addresses (also allowed in dev mode)
+    allow_private_webhooks: bool = False
     # cluster (redis_url is not implemented yet: refused at start)
     redis_url: str | None = None
     database_url: str | None = None  # postgresql://…: alone, one node on PostgreSQL instead of SQLite

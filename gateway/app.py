@@ -64,7 +64,7 @@ from domain.timeline import CREATED, TimelineEntry
 from protocol import bounds, replies, wire
 from storage import messages as sm
 
-from . import schemas
+from . import schemas, webhooks_api
 from .origins import origin_allowed
 
 R = TypeVar("R")
@@ -535,6 +535,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             admin = request.args.get("admin") in ("1", "true")
             return _json({"token": mint(user, admin=admin), "user": user, "admin": admin})
 
+    webhooks_api.register(app, services)
     _document_errors(app)
     return app
 

@@ -1,12 +1,13 @@
 """The process: builds the actor tree in order and takes it down in reverse.
 
-Start: storage (migrations, reconcile after a restart) → supervisor (restarts
-the active sessions) → listener. Stop, on `shutdown.set()`:
+Start: storage (migrations, reconcile after a restart) → webhook delivery →
+supervisor (restarts the active sessions) → listener. Stop, on `shutdown.set()`:
   1. stop accepting;
   2. tell every WebSocket the server is going away (close 1001): each
      connection leaves its sessions, which stops billing at that instant;
   3. let every session handle those leaves and checkpoint billing;
-  4. close storage's channel: it commits what is queued and closes SQLite last.
+  4. stop webhook delivery (what is under way stays pending in the outbox);
+  5. close storage's channel: it commits what is queued and closes SQLite last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from actors.connection import ConnectionContext
 from actors.post_office import PostOffice
 from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
+from actors.webhooks import WebhookActor, WebhookHandle
 from domain.settings import Settings
 from storage import backend_for
 from storage import messages as sm
@@ -46,6 +48,7 @@ class Running:
     post_office: PostOffice
     context: ConnectionContext
     secret: str
+    webhooks: WebhookHandle
 
 
 async def serve(
@@ -66,6 +69,10 @@ async def serve(
         active = await storage.write(sm.ReconcileAfterRestart(now=clock.now_ms()))
         if active:
             log.info("resuming %d active sessions", len(active))
+        webhooks: WebhookHandle = await storage_nursery.start(WebhookActor(
+            storage, clock, commits=getattr(backend, "webhook_commits", None),
+            allow_private=settings.dev or settings.allow_private_webhooks,
+        ).run)
         post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
         supervisor = Supervisor(
             SessionContext(storage=storage, settings=settings, clock=clock, delivery=post_office), calls=post_office
@@ -87,7 +94,7 @@ async def serve(
                 log.info("listening on http://%s:%d", settings.host, port)
                 task_status.started(Running(
                     port=port, storage=storage, supervisor=supervisor_handle, post_office=post_office,
-                    context=context, secret=secret,
+                    context=context, secret=secret, webhooks=webhooks,
                 ))
                 await shutdown.wait()
                 log.info("shutting down: closing connections")
@@ -99,6 +106,7 @@ async def serve(
             log.info("checkpointing sessions")
             await supervisor_handle.flush_sessions(SESSION_FLUSH_TIMEOUT)
             session_nursery.cancel_scope.cancel()
+        webhooks.stop()  # after the sessions: what they committed last stays in the outbox
         log.info("flushing storage")
         await storage.aclose()
     log.info("stopped")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+from .webhooks_schema import POSTGRES_V3_WEBHOOKS, sqlite_v3_webhooks
+
 
 def _v1_initial(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
@@ -109,6 +111,7 @@ def _v2_numbering_and_epoch(db: sqlite_utils.Database) -> None:
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _v1_initial,
     _v2_numbering_and_epoch,
+    sqlite_v3_webhooks,  # storage/webhooks_schema.py
 )
 
 # PostgreSQL: the same tables, in its own types (epoch milliseconds need bigint).
@@ -187,6 +190,7 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     UPDATE sessions SET last_seq =
         (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE messages.session_id = sessions.id)
     """,
+    POSTGRES_V3_WEBHOOKS,  # storage/webhooks_schema.py
 )
 
 SCHEMA_VERSION = len(SQLITE_MIGRATIONS)

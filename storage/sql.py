@@ -28,6 +28,8 @@ from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, TimelineEntry
 
 from . import messages as m
+from . import webhook_messages as w
+from .webhooks_sql import WebhookSql
 
 Connection = Any  # the driver's connection; one thread uses it at a time
 Row = Sequence[Any]
@@ -91,8 +93,9 @@ def _mapped(method: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[B, P
     return wrapper
 
 
-class SqlBackend:
-    """The requests, in portable SQL. Holds no state besides its settings."""
+class SqlBackend(WebhookSql):
+    """The requests, in portable SQL. Holds no state besides its settings (and the webhook
+    outbox's commit signal)."""
 
     BEGIN = "BEGIN"
     GREATEST = "GREATEST"  # the two-argument maximum (SQLite calls it MAX)
@@ -134,9 +137,11 @@ class SqlBackend:
     @_mapped
     def commit(self, conn: Connection) -> None:
         self._execute(conn, "COMMIT")
+        self.webhook_commits.committed()  # webhooks: wake the delivery actor
 
     @_mapped
     def rollback(self, conn: Connection) -> None:
+        self.webhook_commits.rolled_back()  # webhooks
         if self._in_transaction(conn):
             self._execute(conn, "ROLLBACK")
 
@@ -156,6 +161,11 @@ class SqlBackend:
 
     @_mapped
     def write(self, conn: Connection, request: m.WriteRequest) -> Any:
+        result = self._write(conn, request)
+        self._outbox(conn, request, result)  # webhooks: this change's events, in its transaction
+        return result
+
+    def _write(self, conn: Connection, request: m.WriteRequest) -> Any:
         match request:
             case m.CreateSession():
                 return self._create_session(conn, request)
@@ -194,6 +204,8 @@ class SqlBackend:
                     (str(at),),
                 )
                 return None
+            case w.CreateEndpoint() | w.UpdateEndpoint() | w.DeleteEndpoint() | w.RecordAttempt() | w.RetryDelivery():
+                return self._webhook_write(conn, request)
         raise TypeError(f"unknown write request {request!r}")
 
     def _create_session(self, conn: Connection, request: m.CreateSession) -> tuple[SessionRecord, bool]:
@@ -444,6 +456,8 @@ class SqlBackend:
             case m.ProbeRead():
                 self._execute(conn, "SELECT 1").fetchone()
                 return None
+            case w.ListEndpoints() | w.GetEndpoint() | w.ListDeliveries() | w.DueDeliveries():
+                return self._webhook_read(conn, request)
         raise TypeError(f"unknown read request {request!r}")
 
     def _get_session(self, conn: Connection, session_id: str) -> SessionRecord:
