@@ -1,8 +1,8 @@
 """The webhook delivery actor: sends the outbox (PRODUCT.md section 11).
 
-One loop owns what is in flight. It looks at storage for due deliveries — woken right
-after a commit that wrote some (the outbox's `CommitSignal`), after each delivery it
-finished, and at the earliest retry instant, or every `POLL_INTERVAL` otherwise — and
+One loop owns what is in flight; delivery tasks report back to it by message. It looks
+at storage for due deliveries — woken right after a commit that wrote some (the outbox's
+`CommitSignal`), after each delivery it finished, and at the earliest retry instant, or every `POLL_INTERVAL` otherwise — and
 starts one task per delivery it has room for: at most `MAX_IN_FLIGHT` in all and
 `PER_ENDPOINT_IN_FLIGHT` per endpoint, so a slow endpoint fills only its own slots and
 never delays another. It never waits on a delivery task. Storage hands out only the
@@ -42,7 +42,7 @@ DUE_BATCH = 256  # deliveries read per look
 MAX_IN_FLIGHT = 64  # POSTs under way in all
 PER_ENDPOINT_IN_FLIGHT = 4  # POSTs under way per endpoint
 POLL_INTERVAL = 5.0  # seconds between looks when nothing woke the loop
-WAKE_BUFFER = 1  # wake-ups coalesce: one pending look is enough
+WAKE_BUFFER = MAX_IN_FLIGHT + 1  # every task's one `_Done`, plus one coalesced wake-up
 STORAGE_RETRY = 1.0  # seconds before looking again after storage failed
 RESPONSE_BODY_BYTES = 64 * 1024  # read (and ignored) from a response, at most
 ERROR_CHARS = 500  # of an error kept in the delivery log
@@ -80,6 +80,14 @@ class _Outcome:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A delivery task finished (whatever its outcome): its slots are free again."""
+
+    delivery_id: int
+    endpoint_id: str
+
+
 class WebhookHandle:
     """What the server holds: wake the loop, stop the actor."""
 
@@ -111,21 +119,31 @@ class WebhookActor:
         self.transport = transport
         self.rng = rng or random.Random()
         self.poll_interval = poll_interval
+        # the loop's own: a delivery leaves them only when the loop reads its `_Done`, so a
+        # look that read a row while its delivery was finishing still finds it in flight
         self._in_flight: set[int] = set()
         self._per_endpoint: collections.Counter[str] = collections.Counter()
-        self._looks = 0
-        self._finished: dict[int, int] = {}  # delivery id → the look during which it finished
-        self._wake_send: trio.MemorySendChannel[None] | None = None
+        self._wake_send: trio.MemorySendChannel[_Done | None] | None = None
 
     def _wake(self) -> None:
-        if self._wake_send is not None:
+        """Look again soon (after a commit that wrote deliveries). Coalesced: anything queued
+        already wakes the loop, and the buffer's room is kept for the tasks' `_Done`s."""
+        send = self._wake_send
+        if send is not None and send.statistics().current_buffer_used == 0:
             try:
-                self._wake_send.send_nowait(None)
+                send.send_nowait(None)
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # a look is already due (or the actor stopped)
+                pass
+
+    def _settle(self, message: _Done | None) -> None:
+        if message is not None:
+            self._in_flight.discard(message.delivery_id)
+            self._per_endpoint[message.endpoint_id] -= 1
+            if not self._per_endpoint[message.endpoint_id]:
+                del self._per_endpoint[message.endpoint_id]
 
     async def run(self, *, task_status: trio.TaskStatus[WebhookHandle] = trio.TASK_STATUS_IGNORED) -> None:
-        send, wakeups = trio.open_memory_channel[None](WAKE_BUFFER)
+        send, wakeups = trio.open_memory_channel[_Done | None](WAKE_BUFFER)
         self._wake_send = send
         subscribe = getattr(self.commits, "subscribe", None)
         unsubscribe = subscribe(self._wake) if subscribe else None
@@ -143,7 +161,12 @@ class WebhookActor:
                     while True:
                         wait = await self._look(client, nursery)
                         with trio.move_on_after(wait):
-                            await wakeups.receive()
+                            self._settle(await wakeups.receive())
+                        while True:  # and whatever else came meanwhile, without waiting
+                            try:
+                                self._settle(wakeups.receive_nowait())
+                            except trio.WouldBlock:
+                                break
         finally:
             if unsubscribe is not None:
                 unsubscribe()
@@ -151,9 +174,6 @@ class WebhookActor:
 
     async def _look(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> float:
         """Start what is due and has room; return how long the loop may sleep."""
-        self._looks += 1
-        look = self._looks
-        self._finished.clear()  # those finished before this read began are read fresh
         now_ms = self.clock.now_ms()
         try:
             batch = await self.storage.read(w.DueDeliveries(
@@ -165,7 +185,7 @@ class WebhookActor:
         oldest = batch.oldest_pending_at
         metrics.WEBHOOKS_OLDEST_PENDING.set(0 if oldest is None else max(0, now_ms - oldest) / 1000)
         for delivery in batch.due:
-            if delivery.id in self._in_flight or self._finished.get(delivery.id, -1) >= look:
+            if delivery.id in self._in_flight:
                 continue  # under way, or finished while this read ran (the row may be stale)
             if len(self._in_flight) >= MAX_IN_FLIGHT:
                 break
@@ -184,12 +204,8 @@ class WebhookActor:
             outcome = await self._post(client, delivery)
             await self._record(delivery, outcome)
         finally:
-            self._in_flight.discard(delivery.id)
-            self._per_endpoint[delivery.endpoint_id] -= 1
-            if not self._per_endpoint[delivery.endpoint_id]:
-                del self._per_endpoint[delivery.endpoint_id]
-            self._finished[delivery.id] = self._looks
-            self._wake()
+            if self._wake_send is not None:  # room is kept for it: see WAKE_BUFFER
+                self._wake_send.send_nowait(_Done(delivery.id, delivery.endpoint_id))
 
     async def _post(self, client: httpx.AsyncClient, delivery: wh.DueDelivery) -> _Outcome:
         timestamp = self.clock.now_ms() // 1000
