@@ -2,8 +2,8 @@
 
 One loop owns what is in flight; delivery tasks report back to it by message. It looks
 at storage for due deliveries — woken right after a commit that wrote some (the outbox's
-`CommitSignal`), after each delivery it finished, and at the earliest retry instant, or every `POLL_INTERVAL` otherwise — and
-starts one task per delivery it has room for: at most `MAX_IN_FLIGHT` in all and
+`CommitSignal`), after each delivery it finished, and at the earliest retry instant, or
+every `POLL_INTERVAL` otherwise — and starts one task per delivery it has room for: at most `MAX_IN_FLIGHT` in all and
 `PER_ENDPOINT_IN_FLIGHT` per endpoint, so a slow endpoint fills only its own slots and
 never delays another. It never waits on a delivery task. Storage hands out only the
 oldest pending delivery of each (endpoint, session), so one session's events go out in
