@@ -44,6 +44,9 @@ PER_ENDPOINT_IN_FLIGHT = 4  # POSTs under way per endpoint
 POLL_INTERVAL = 5.0  # seconds between looks when nothing woke the loop
 WAKE_BUFFER = MAX_IN_FLIGHT + 1  # every task's one `_Done`, plus one coalesced wake-up
 STORAGE_RETRY = 1.0  # seconds before looking again after storage failed
+# a claimed delivery is not due again for this long: the POST's deadline, then room to
+# record its outcome; a sender that died meanwhile leaves it to be sent again after it
+CLAIM_MS = round((wh.REQUEST_TIMEOUT_S + 2) * 1000)
 RESPONSE_BODY_BYTES = 64 * 1024  # read (and ignored) from a response, at most
 ERROR_CHARS = 500  # of an error kept in the delivery log
 USER_AGENT = "Parley-Webhooks/0.1"
@@ -201,11 +204,23 @@ class WebhookActor:
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: wh.DueDelivery) -> None:
         try:
+            if not await self._claim(delivery):
+                return  # another node (or an earlier look of ours) is sending it
             outcome = await self._post(client, delivery)
             await self._record(delivery, outcome)
         finally:
             if self._wake_send is not None:  # room is kept for it: see WAKE_BUFFER
                 self._wake_send.send_nowait(_Done(delivery.id, delivery.endpoint_id))
+
+    async def _claim(self, delivery: wh.DueDelivery) -> bool:
+        until = self.clock.now_ms() + CLAIM_MS
+        try:
+            return await self.storage.write(w.ClaimDelivery(
+                delivery_id=delivery.id, due_at=delivery.due_at, until=until,
+            ))
+        except (StorageUnavailable, trio.TooSlowError) as exc:
+            log.error("webhooks: delivery %d: cannot claim it: %s", delivery.id, exc)
+            return False
 
     async def _post(self, client: httpx.AsyncClient, delivery: wh.DueDelivery) -> _Outcome:
         timestamp = self.clock.now_ms() // 1000

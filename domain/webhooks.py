@@ -155,6 +155,7 @@ class DueDelivery:
     body: bytes
     attempts: int
     created_at: int
+    due_at: int = 0  # its next_attempt_at as read: the claim compares against it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -204,7 +204,8 @@ class SqlBackend(WebhookSql):
                     (str(at),),
                 )
                 return None
-            case w.CreateEndpoint() | w.UpdateEndpoint() | w.DeleteEndpoint() | w.RecordAttempt() | w.RetryDelivery():
+            case w.CreateEndpoint() | w.UpdateEndpoint() | w.DeleteEndpoint() | w.ClaimDelivery() | w.RecordAttempt() \
+                    | w.RetryDelivery():
                 return self._webhook_write(conn, request)
         raise TypeError(f"unknown write request {request!r}")
 

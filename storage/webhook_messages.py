@@ -56,6 +56,18 @@ class RecordAttempt(Write[None]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimDelivery(Write[bool]):
+    """→ whether this sender got it: the delivery is still pending and still due at `due_at`
+    (nobody claimed it since it was read); it is then not due again before `until`. So of
+    several nodes (or a look that read a stale row) exactly one sends it, and a sender that
+    dies while sending leaves it due again at `until`, to be sent with the same webhook-id."""
+
+    delivery_id: int
+    due_at: int
+    until: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RetryDelivery(Write[Delivery]):
     """→ Delivery, or NotFound: due again now, whatever its state was."""
 
@@ -64,7 +76,7 @@ class RetryDelivery(Write[Delivery]):
     at: int
 
 
-WebhookWrite = CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RecordAttempt | RetryDelivery
+WebhookWrite = CreateEndpoint | UpdateEndpoint | DeleteEndpoint | ClaimDelivery | RecordAttempt | RetryDelivery
 
 # ---------------------------------------------------------------- reads
 

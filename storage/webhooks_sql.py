@@ -201,6 +201,14 @@ class WebhookSql:
             case w.RecordAttempt():
                 self._record_attempt(conn, request)
                 return None
+            case w.ClaimDelivery(delivery_id=delivery_id, due_at=due_at, until=until):
+                claimed = self._execute(
+                    conn,
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?"
+                    " WHERE id = ? AND status = 'pending' AND next_attempt_at = ? RETURNING id",
+                    (until, delivery_id, due_at),
+                ).fetchone()
+                return claimed is not None
             case w.RetryDelivery(endpoint_id=endpoint_id, delivery_id=delivery_id, at=at):
                 row = self._execute(
                     conn,
@@ -316,7 +324,7 @@ class WebhookSql:
         rows = self._execute(
             conn,
             "SELECT q.id, q.endpoint_id, q.url, q.secret, q.previous_secret, q.previous_secret_until, ev.id,"
-            " q.session_id, ev.body, q.attempts, ev.created_at FROM ("
+            " q.session_id, ev.body, q.attempts, ev.created_at, q.next_attempt_at FROM ("
             "  SELECT d.id, d.endpoint_id, d.session_id, d.attempts, d.event_seq, d.next_attempt_at, e.url,"
             "   e.secret, e.previous_secret, e.previous_secret_until,"
             "   ROW_NUMBER() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id) AS place"
@@ -336,6 +344,7 @@ class WebhookSql:
                     created_at=0, updated_at=0,
                 ).signing_secrets(request.now),
                 event_id=r[6], session_id=r[7], body=bytes(r[8]), attempts=r[9], created_at=r[10],
+                due_at=r[11],
             )
             for r in rows
         )

@@ -51,7 +51,8 @@ async def test_session_ended_is_delivered_after_a_sigkill_and_restart(tmp_path, 
     assert before_restart == (1 if kill_when == "during_delivery" else before_restart)
 
     second = await spawn_server(nursery, tmp_path, *args, secret=SECRET)
-    await receiver.wait_until(lambda: len(receiver.at("/bill")) > before_restart, timeout=15)
+    # a delivery whose sender died mid-POST is due again once its claim lapses (12 s)
+    await receiver.wait_until(lambda: len(receiver.at("/bill")) > before_restart, timeout=25)
     got = receiver.at("/bill")
     assert all(r.verified for r in got), [r.error for r in got]
     assert {r.type for r in got} == {"session.ended"}
