@@ -106,9 +106,15 @@ def _v2_numbering_and_epoch(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v3_owner_node(db: sqlite_utils.Database) -> None:
+    # cluster mode: the node that last claimed the session (NULL once it gave it up)
+    db.execute("ALTER TABLE sessions ADD COLUMN owner_node TEXT")
+
+
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _v1_initial,
     _v2_numbering_and_epoch,
+    _v3_owner_node,
 )
 
 # PostgreSQL: the same tables, in its own types (epoch milliseconds need bigint).
@@ -186,6 +192,9 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions ADD COLUMN owner_epoch bigint NOT NULL DEFAULT 0;
     UPDATE sessions SET last_seq =
         (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE messages.session_id = sessions.id)
+    """,
+    """
+    ALTER TABLE sessions ADD COLUMN owner_node text
     """,
 )
 
