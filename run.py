@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from actors.cluster.errors import ClusterRefused
 from domain.errors import StorageUnavailable
 from domain.settings import Settings
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--turn-ttl", type=int, default=int(_env("TURN_TTL", str(defaults.turn_ttl))),
                        help="seconds TURN credentials stay valid (PARLEY_TURN_TTL)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+        p.add_argument("--node-id", default=_env("NODE_ID"),
+                       help="cluster mode: this node's id, unique among live nodes (PARLEY_NODE_ID; default generated)")
+        p.add_argument("--lease-ttl", type=float, default=float(_env("LEASE_TTL", str(defaults.lease_ttl))),
+                       help="cluster mode: seconds a node's lease outlives its last renewal (PARLEY_LEASE_TTL)")
 
     token = sub.add_parser("token", help="print a token signed with the server's secret")
     token.add_argument("user")
@@ -101,6 +106,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         frame_burst=max(1, int(args.frames_per_second * 4)),
         max_connections_per_user=args.max_connections_per_user,
         redis_url=_env("REDIS_URL") or None,
+        node_id=args.node_id or None,
+        lease_ttl=args.lease_ttl,
         database_url=args.database_url or None,
         log_level=args.log_level,
     )
@@ -139,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
-    if settings.redis_url:
+    if settings.redis_url and not settings.database_url:
         logging.getLogger("parley").error(
-            "PARLEY_REDIS_URL: cluster mode is not implemented yet; unset it to run one node "
-            "(on SQLite, or on PostgreSQL with PARLEY_DATABASE_URL alone)"
+            "PARLEY_REDIS_URL (cluster mode) needs PARLEY_DATABASE_URL=postgresql://… shared by every node"
         )
         return 2
     if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[BaseException] = []
     try:
         trio.run(_serve, settings)
-    except* StorageUnavailable as group:  # the database could not be opened at start
+    except* (StorageUnavailable, ClusterRefused) as group:  # the database or the cluster refused at start
         failed.extend(_leaves(group))
     for reason in failed:
         logging.getLogger("parley").error("cannot start: %s", reason)

@@ -31,6 +31,6 @@ from .messages import (
 
 __all__ = [
     "MAILBOX_SIZE", "DeleteChat", "EditChat", "Flush", "GetLiveBilling", "JoinSession", "LeaveSession",
-    "MemberAlive", "MembersLost", "RaiseReceipt", "RelaySignal", "SendChat", "SessionActor", "SessionContext", "SessionCrashed",
-    "SessionGone", "SessionHandle", "SessionMessage", "SetTyping", "Transition",
+    "MemberAlive", "MembersLost", "RaiseReceipt", "RelaySignal", "SendChat", "SessionActor", "SessionContext",
+    "SessionCrashed", "SessionGone", "SessionHandle", "SessionMessage", "SetTyping", "Transition",
 ]

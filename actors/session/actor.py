@@ -157,7 +157,7 @@ class SessionActor:
     def storage(self) -> StorageHandle:
         """Storage as this session writes it: stamped with its owner epoch in a cluster."""
         if self._storage is None:
-            self._storage = SessionStorage(self.ctx.storage)
+            self._storage = SessionStorage(self.ctx.storage, self.ctx.ownership)
         return self._storage  # type: ignore[return-value]
 
     @property

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import outcome
 
-from domain.errors import Fenced
+from domain.errors import Fenced, StorageUnavailable
 from storage import messages as sm
 from storage.actor import DEFAULT_TIMEOUT, StorageHandle
 
@@ -28,6 +28,11 @@ R = TypeVar("R")
 
 class Ownership(Protocol):
     node: str
+
+    @property
+    def writable(self) -> bool:
+        """False while this node's lease has lapsed: session writes are refused before storage."""
+        ...
 
     async def claim(self, session_id: str) -> int:
         """Make this node the session's owner; → its new epoch. Raises `Fenced` when another
@@ -40,13 +45,16 @@ class Ownership(Protocol):
 
 
 class SessionStorage:
-    def __init__(self, storage: StorageHandle) -> None:
+    def __init__(self, storage: StorageHandle, ownership: Ownership | None = None) -> None:
         self._storage = storage
+        self._ownership = ownership
         self.epoch: int | None = None
         self.fenced = False
 
     def _stamp(self, request: Any) -> Any:
         if self.epoch is not None and getattr(request, "epoch", 0) is None:
+            if self._ownership is not None and not self._ownership.writable:
+                raise StorageUnavailable("this node's lease has lapsed; try again")
             return dataclasses.replace(request, epoch=self.epoch)
         return request
 
