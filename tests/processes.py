@@ -22,10 +22,11 @@ class ServerProcess:
 
 
 async def spawn_server(
-    nursery: trio.Nursery, data_dir: Path, *args: str, secret: str, log_level: str = "INFO"
+    nursery: trio.Nursery, data_dir: Path, *args: str, secret: str, log_level: str = "INFO",
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Start the server on a free port, wait for its `listening on` line, keep draining its log."""
-    env = {**os.environ, "PARLEY_SECRET": secret, "PARLEY_LOG_LEVEL": log_level}
+    env = {**os.environ, "PARLEY_SECRET": secret, "PARLEY_LOG_LEVEL": log_level, **(env or {})}
     process = await trio.lowlevel.open_process(
         [sys.executable, "run.py", "serve", "--port", "0", "--data-dir", str(data_dir), *args],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -15,6 +15,5 @@ DROPPED = Counter(
     "parley_cluster_dropped", "Cross-node messages dropped because the outbound queue was full", registry=REGISTRY
 )
 TAKEOVERS = Counter("parley_cluster_takeovers", "Sessions claimed from a node whose lease expired", registry=REGISTRY)
-FENCED = Counter("parley_cluster_fenced", "Session actors stopped because a newer owner exists", registry=REGISTRY)
 LEASE_LOST = Counter("parley_cluster_lease_lost", "Times this node's lease could not be renewed in time",
                      registry=REGISTRY)

@@ -18,12 +18,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar
 
 import outcome
+from prometheus_client import Counter
 
 from domain.errors import Fenced, StorageUnavailable
+from domain.metrics import REGISTRY
 from storage import messages as sm
 from storage.actor import DEFAULT_TIMEOUT, StorageHandle
 
 R = TypeVar("R")
+
+FENCED_WRITES = Counter(
+    "parley_fenced_writes", "Session writes refused because another node owns the session now", registry=REGISTRY
+)
 
 
 class Ownership(Protocol):
@@ -62,6 +68,7 @@ class SessionStorage:
         try:
             return await self._storage.write(self._stamp(request), timeout=timeout)
         except Fenced:
+            FENCED_WRITES.inc()
             self.fenced = True
             raise
 
@@ -69,7 +76,9 @@ class SessionStorage:
         self, requests: Sequence[sm.Write[R]], *, timeout: float = DEFAULT_TIMEOUT
     ) -> list[outcome.Outcome[R]]:
         results = await self._storage.write_many([self._stamp(r) for r in requests], timeout=timeout)
-        if any(isinstance(r, outcome.Error) and isinstance(r.error, Fenced) for r in results):
+        refused = sum(isinstance(r, outcome.Error) and isinstance(r.error, Fenced) for r in results)
+        if refused:
+            FENCED_WRITES.inc(refused)
             self.fenced = True
         return results
 
