@@ -22,7 +22,9 @@ import logging
 import coredis
 import trio
 
-from domain.errors import Conflict, Fenced, NotFound, NotJoined, ParleyError, StorageUnavailable
+from domain.errors import Fenced, NotFound, ParleyError, StorageUnavailable
+from storage import messages as sm
+from storage.actor import StorageHandle
 
 from ..ports import ConnectionRef
 from ..post_office import PostOffice
@@ -66,7 +68,7 @@ class RoutedHandle(SessionHandle):
 class ClusterDirectory:
     def __init__(
         self, *, here: str, redis: coredis.Redis[bytes], supervisor: SupervisorHandle, ownership: RedisOwnership,
-        outbound: Outbound, post_office: PostOffice, delivery: RemoteDelivery,
+        outbound: Outbound, post_office: PostOffice, delivery: RemoteDelivery, storage: StorageHandle,
     ) -> None:
         self.here = here
         self.redis = redis
@@ -75,12 +77,14 @@ class ClusterDirectory:
         self.outbound = outbound
         self.post_office = post_office
         self.delivery = delivery
+        self.storage = storage
         self.alive: set[str] = {here}  # kept by the sweeper
         self._owners: dict[str, str] = {}  # session → owning node, as last learned (not us)
         self._local: dict[str, SessionHandle] = {}  # session → its local actor's handle
         self._members: dict[str, dict[str, ConnectionRef]] = {}  # session → user → local connection
         self._rejoin_send, self._rejoin = trio.open_memory_channel[str](REJOIN_QUEUE)
         ownership.on_owner = self.learned_owner
+        ownership.on_release = self.released
 
     async def lookup(self, session_id: str) -> SessionHandle:
         return RoutedHandle(session_id, self)
@@ -100,10 +104,26 @@ class ClusterDirectory:
         owner = self._owners.get(session_id)
         if owner is None or owner not in self.alive:
             owner = await self.ownership.owner_of(session_id)
-            if owner is not None and owner != self.here and owner not in self.alive:
-                if not await self.redis.exists([node_key(owner)]):
-                    owner = None
+            if owner is None:
+                owner = await self._owner_in_storage(session_id)
+            if owner is not None and owner != self.here and not await self._is_alive(owner):
+                owner = None
             self.learned_owner(session_id, owner)
+        return owner
+
+    async def _is_alive(self, node: str) -> bool:
+        return node in self.alive or bool(await self.redis.exists([node_key(node)]))
+
+    async def _owner_in_storage(self, session_id: str) -> str | None:
+        """Redis forgot (a restart): PostgreSQL still names the owner. If it is alive, Redis is
+        told again, so routing goes back to it instead of a second node claiming the session."""
+        try:
+            owner = (await self.storage.read(sm.GetSession(session_id=session_id))).owner_node
+        except NotFound:
+            return None
+        if owner is None or owner == self.here or not await self._is_alive(owner):
+            return None
+        await self.ownership.restore(session_id, owner)
         return owner
 
     def _track(self, session_id: str, message: SessionMessage) -> None:
@@ -182,11 +202,20 @@ class ClusterDirectory:
         for session_id, owner in list(self._owners.items()):
             if owner in dead:
                 del self._owners[session_id]
-                if session_id in self._members:
-                    try:
-                        self._rejoin_send.send_nowait(session_id)
-                    except trio.WouldBlock:
-                        log.warning("session %s: rejoin queue full; its clients must join again", session_id)
+                self._queue_rejoin(session_id)
+
+    def released(self, session_id: str) -> None:
+        """Our actor of the session stopped (fenced, crashed): our connections join its next owner."""
+        self._local.pop(session_id, None)
+        self._queue_rejoin(session_id)
+
+    def _queue_rejoin(self, session_id: str) -> None:
+        if session_id not in self._members:
+            return
+        try:
+            self._rejoin_send.send_nowait(session_id)
+        except trio.WouldBlock:
+            log.warning("session %s: rejoin queue full; its clients must join again", session_id)
 
     async def run_rejoins(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -196,8 +225,8 @@ class ClusterDirectory:
 
     async def _rejoin_one(self, session_id: str, conn: ConnectionRef) -> None:
         for _ in range(REJOIN_ATTEMPTS):
-            if self._members.get(session_id, {}).get(conn.user) != conn:
-                return  # it left or was replaced meanwhile
+            if self._members.get(session_id, {}).get(conn.user) != conn or not self.post_office.is_open(conn.id):
+                return  # it left, closed or was replaced meanwhile
             with self.post_office.call() as (reply_to, answer):
                 try:
                     with trio.fail_after(REJOIN_TIMEOUT):
@@ -205,10 +234,11 @@ class ClusterDirectory:
                         (await answer.receive()).unwrap()
                     log.info("session %s: %s joined again at its new owner", session_id, conn.user)
                     return
-                except (Conflict, NotFound, NotJoined):
-                    return  # ended meanwhile: nothing to rejoin
                 except (Fenced, StorageUnavailable, trio.TooSlowError):
-                    pass
+                    pass  # the takeover is still settling
+                except ParleyError as exc:  # ended meanwhile, or no longer allowed: nothing to rejoin
+                    log.info("session %s: %s not joined again: %s", session_id, conn.user, exc.message)
+                    return
             await trio.sleep(REJOIN_RETRY)
         log.warning("session %s: could not join %s again; the client must", session_id, conn.user)
 

@@ -159,7 +159,7 @@ async def _run_cluster(
             async def attach(supervisor: SupervisorHandle) -> SessionDirectory:
                 directory = ClusterDirectory(
                     here=node_id, redis=redis, supervisor=supervisor, ownership=ownership, outbound=outbound,
-                    post_office=post_office, delivery=delivery,
+                    post_office=post_office, delivery=delivery, storage=storage,
                 )
 
                 async def on_envelope(envelope: list[Any]) -> None:

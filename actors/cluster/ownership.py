@@ -64,6 +64,7 @@ class RedisOwnership:
         self.storage = storage
         self.clock = clock
         self.on_owner = on_owner  # the directory's hint: who owns a session, as just learned
+        self.on_release: Callable[[str], None] = lambda session_id: None  # our actor of it stopped
         self.claims: dict[str, int] = {}  # session id → epoch of the local actor holding it
         self._took_from: dict[str, str] = {}  # claimed in Redis from a dead owner, epoch not yet bumped
         self._releases_send, self._releases = trio.open_memory_channel[tuple[str, int]](RELEASE_QUEUE)
@@ -116,6 +117,7 @@ class RedisOwnership:
             return  # a newer local actor holds it
         del self.claims[session_id]
         metrics.OWNED.set(len(self.claims))
+        self.on_release(session_id)
         try:
             self._releases_send.send_nowait((session_id, epoch))
         except trio.ClosedResourceError:
@@ -138,6 +140,10 @@ class RedisOwnership:
                     await self.redis.eval(_RELEASE, keys=[owner_key(session_id)], args=[self.node])
             except (ParleyError, trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
                 log.warning("session %s: release failed: %s", session_id, exc)
+
+    async def restore(self, session_id: str, owner: str) -> None:
+        """Tell Redis again who owns a session (it forgot), unless it knows by now."""
+        await self.redis.set(owner_key(session_id), owner, condition=coredis.PureToken.NX)
 
     async def owner_of(self, session_id: str) -> str | None:
         owner = await self.redis.get(owner_key(session_id))

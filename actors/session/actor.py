@@ -316,11 +316,15 @@ class SessionActor:
         for member in self.members.values():
             if member.typing_until is not None:
                 deadline = min(deadline, member.typing_until)
+            if member.conn.node is not None:  # on another node: dropped once silent too long
+                silent_at = member.alive_ms + presence.silence_ms(self)
+                deadline = min(deadline, trio.current_time() + max(0, silent_at - self.now_ms()) / 1000)
         return deadline
 
     async def _on_deadline(self) -> None:
         now = trio.current_time()
         presence.expire_typing(self, now)
+        await presence.drop_silent(self)
         if self.orphan_since is not None and not self.members:
             await lifecycle.end_if_orphaned(self, now)
 

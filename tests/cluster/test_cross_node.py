@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import trio
 
+from actors.ports import ConnectionRef, ToConnection
+from actors.session import JoinSession
 from parley_client import RequestError
 
 TEST_TIMEOUT = 30
@@ -74,3 +76,28 @@ async def test_a_call_across_three_nodes(make_node):
         bill = (await n2.http.get(f"/api/sessions/{sid}/billing", headers=n2.auth("alice"))).json()
         assert bill["final"] is True
         assert 0 < bill["billable_ms"] <= both_present * 1000 + 50
+
+
+async def test_a_remote_member_whose_reports_stop_is_dropped_at_its_last_report(make_node):
+    """A member on another node whose leave was lost (Redis restarted) is no ghost: once
+    silent for three heartbeats it leaves at its last reported instant, billed no further."""
+    with trio.fail_after(TEST_TIMEOUT):
+        n1 = await make_node("n1", heartbeat=0.3)
+        await make_node("n2", heartbeat=0.3)
+        session = await n1.create_session()
+        sid = session["id"]
+        await n1.start_session(sid)
+        directory = n1.running.context.directory
+        async with n1.client("alice") as alice:
+            await alice.request("join", session=sid)
+            ghost = ConnectionRef(id="ghost", user="bob", node="n2")  # nothing on n2 reports for it
+            await directory.route(sid, JoinSession(conn=ghost, reply=ToConnection(conn=ghost, ref=None)))
+            assert (await alice.next_event("presence"))["state"] == "joined"
+            left = await alice.next_event("presence", timeout=5)
+            assert (left["user"], left["state"]) == ("bob", "left")
+        ended = await n1.http.post(f"/api/sessions/{sid}/end", headers=n1.auth("alice"))
+        assert ended.status_code == 200
+        bill = (await n1.http.get(f"/api/sessions/{sid}/billing", headers=n1.auth("alice"))).json()
+        assert bill["billable_ms"] <= 20  # billed up to its last report (the join), not the silence after
+        timeline = (await n1.http.get(f"/api/sessions/{sid}/timeline", headers=n1.auth("alice"))).json()["items"]
+        assert any(e["kind"] == "dropped" and e["actor"] == "bob" for e in timeline)
