@@ -140,3 +140,68 @@ async def test_sigstop_of_the_owner_past_its_lease(nursery, tmp_path, cluster_en
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+async def test_sigkill_of_a_node_holding_connections(nursery, tmp_path, cluster_env):
+    """Not the owner: its users are dropped at their last reported alive instant, reconnect
+    to another node and resume by seq."""
+    nodes = []
+    try:
+        with trio.fail_after(60):
+            for node_id in ("n1", "n2", "n3"):
+                nodes.append(await spawn_node(nursery, tmp_path, cluster_env, node_id, "--billing-tick", "0.5",
+                                              "--lease-ttl", "1", "--heartbeat", "0.5"))
+            n1, n2, n3 = nodes
+            sid = await create_started_session(n1)
+            async with connect(n2.ws_url, token("alice")) as alice:
+                await alice.request("join", session=sid)
+                async with connect(n3.ws_url, token("bob")) as bob:
+                    await bob.request("join", session=sid)
+                    both_joined = trio.current_time()
+                    assert (await alice.next_event("presence"))["state"] == "joined"
+                    await send_until_acked(alice, sid, "m1", "one")
+                    assert (await bob.next_event("chat.message"))["seq"] == 1
+                    await bob.request("chat.receipt", session=sid, kind="delivered", seq=1)
+                    await trio.sleep(1.0)
+                    n3.kill()
+                    killed = trio.current_time()
+                    left = await alice.next_event("presence", timeout=5)
+                    noticed = trio.current_time()
+                    assert (left["user"], left["state"]) == ("bob", "left")
+                    await send_until_acked(alice, sid, "m2", "two")
+                    await send_until_acked(alice, sid, "m3", "three")
+                async with connect(n1.ws_url, token("bob")) as bob:
+                    await bob.request("join", session=sid)
+                    assert [(await bob.next_event("chat.message"))["seq"] for _ in range(2)] == [2, 3]
+                    ended = await n1.http.post(f"/api/sessions/{sid}/end", headers=auth("bob"))
+                    assert ended.status_code == 200
+            bill = (await n1.http.get(f"/api/sessions/{sid}/billing", headers=auth("alice"))).json()
+            first_segment_ms = bill["segments"][0]["ms"]
+            assert first_segment_ms <= (killed - both_joined) * 1000 + 50  # no time after bob's last pong
+            timeline = (await n1.http.get(f"/api/sessions/{sid}/timeline", headers=auth("alice"))).json()["items"]
+            [dropped] = [e for e in timeline if e["kind"] == "dropped" and e["actor"] == "bob"]
+            assert "last_alive" in dropped["detail"]
+            print(f"connection node death noticed {noticed - killed:.2f}s after SIGKILL")
+    finally:
+        await stop_nodes(*nodes)
+
+
+async def test_orphan_timer_runs_at_the_new_owner(nursery, tmp_path, cluster_env):
+    nodes = []
+    try:
+        with trio.fail_after(60):
+            for node_id in ("n1", "n2"):
+                nodes.append(await spawn_node(nursery, tmp_path, cluster_env, node_id, "--lease-ttl", "1",
+                                              "--orphan-timeout", "2"))
+            n1, n2 = nodes
+            sid = await create_started_session(n1)
+            n1.kill()
+            with trio.fail_after(10):
+                while True:
+                    got = (await n2.http.get(f"/api/sessions/{sid}", headers=auth("alice"))).json()
+                    if got["state"] == "ended":
+                        break
+                    await trio.sleep(0.1)
+            assert got["end_reason"] == "orphaned"
+    finally:
+        await stop_nodes(*nodes)
