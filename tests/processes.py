@@ -33,11 +33,15 @@ async def spawn_server(
     )
     assert process.stderr is not None
     buffer = b""
-    with trio.fail_after(30):
-        while (match := LISTENING.search(buffer.decode(errors="replace"))) is None:
-            chunk = await process.stderr.receive_some()
-            assert chunk, f"the server exited before listening:\n{buffer.decode(errors='replace')}"
-            buffer += chunk
+    try:
+        with trio.fail_after(30):
+            while (match := LISTENING.search(buffer.decode(errors="replace"))) is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, f"the server exited before listening:\n{buffer.decode(errors='replace')}"
+                buffer += chunk
+    except BaseException:
+        process.kill()  # never leave a server behind that the caller has no handle of
+        raise
 
     async def drain() -> None:  # a full pipe would stall the server's logging
         async for _ in process.stderr:
