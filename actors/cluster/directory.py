@@ -84,7 +84,7 @@ class ClusterDirectory:
         self._members: dict[str, dict[str, ConnectionRef]] = {}  # session → user → local connection
         self._rejoin_send, self._rejoin = trio.open_memory_channel[str](REJOIN_QUEUE)
         ownership.on_owner = self.learned_owner
-        ownership.on_release = self.released
+        ownership.on_release = self.fenced_out
 
     async def lookup(self, session_id: str) -> SessionHandle:
         return RoutedHandle(session_id, self)
@@ -145,6 +145,10 @@ class ClusterDirectory:
         else:
             await self.outbound.to_session(owner, session_id, message, hops)
 
+    def live_local(self) -> list[SessionHandle]:
+        """Handles of the session actors running here."""
+        return [h for h in self._local.values() if not h.retired]
+
     def route_nowait(self, session_id: str, message: SessionMessage) -> bool:
         """For notices: only where the owner is known without asking Redis."""
         handle = self._local.get(session_id)
@@ -204,8 +208,8 @@ class ClusterDirectory:
                 del self._owners[session_id]
                 self._queue_rejoin(session_id)
 
-    def released(self, session_id: str) -> None:
-        """Our actor of the session stopped (fenced, crashed): our connections join its next owner."""
+    def fenced_out(self, session_id: str) -> None:
+        """Our actor of the session was fenced (a newer owner exists): our connections join it there."""
         self._local.pop(session_id, None)
         self._queue_rejoin(session_id)
 

@@ -181,6 +181,7 @@ async def _run_cluster(
             with trio.move_on_after(STOP_TIMEOUT):
                 ownership.close()
                 await releases_done.wait()
+                await ownership.release_all()
                 await lease.release()
             nursery.cancel_scope.cancel()
     log.info("cluster node %s: left the cluster", node_id)

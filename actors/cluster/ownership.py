@@ -9,9 +9,12 @@ own a session; PostgreSQL decides who may write: if Redis forgot (a restart) and
 two nodes both claimed, the later epoch wins and the earlier owner is fenced on
 its next write.
 
-Giving a session up (its actor ended) is queued to one task (`RELEASE_QUEUE`;
-full → dropped: the key then lives until this node's lease does, harmless):
-`owner_node` is cleared in PostgreSQL and the Redis key deleted if still ours.
+A session stays owned by the node that claimed it while its actor comes and goes
+(an idle session's actor retires; the next message starts one there again, with
+a new epoch), until the session is over, the node is fenced out, or it shuts down
+(`release_all`). Giving one up is queued to one task (`RELEASE_QUEUE`; full →
+dropped: the key then lives until this node's lease does, harmless): `owner_node`
+is cleared in PostgreSQL and the Redis key deleted if still ours.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class RedisOwnership:
         self.clock = clock
         self.on_owner = on_owner  # the directory's hint: who owns a session, as just learned
         self.on_release: Callable[[str], None] = lambda session_id: None  # our actor of it stopped
-        self.claims: dict[str, int] = {}  # session id → epoch of the local actor holding it
+        self.claims: dict[str, int] = {}  # session id → epoch of its last local actor: the sessions we own
         self._took_from: dict[str, str] = {}  # claimed in Redis from a dead owner, epoch not yet bumped
         self._releases_send, self._releases = trio.open_memory_channel[tuple[str, int]](RELEASE_QUEUE)
 
@@ -91,6 +94,8 @@ class RedisOwnership:
             other = self._took_from.pop(session_id, other)
             status = "claimed" if other != self.node else status
         if status == "taken":
+            self.claims.pop(session_id, None)
+            metrics.OWNED.set(len(self.claims))
             self.on_owner(session_id, other)
             raise Fenced(f"the session is owned by node {other}; try again")
         if status == "nolease":
@@ -112,12 +117,17 @@ class RedisOwnership:
             ),), epoch=epoch))
         return epoch
 
-    def released(self, session_id: str, epoch: int) -> None:
-        if self.claims.get(session_id) != epoch:
-            return  # a newer local actor holds it
+    def stopped(self, session_id: str, epoch: int, *, fenced: bool, finished: bool) -> None:
+        if self.claims.get(session_id) != epoch or not (fenced or finished):
+            return  # a newer local actor holds it, or it stays ours (idle)
         del self.claims[session_id]
         metrics.OWNED.set(len(self.claims))
-        self.on_release(session_id)
+        if fenced:
+            self.on_release(session_id)  # our connections join it at its new owner
+            return
+        self._queue_release(session_id, epoch)
+
+    def _queue_release(self, session_id: str, epoch: int) -> None:
         try:
             self._releases_send.send_nowait((session_id, epoch))
         except trio.ClosedResourceError:
@@ -129,17 +139,26 @@ class RedisOwnership:
         """No more releases (shutdown): `run` ends once the queued ones are done."""
         self._releases_send.close()
 
+    async def release_all(self) -> None:
+        """Graceful shutdown: give up every session we own, so others take them over at once."""
+        for session_id, epoch in list(self.claims.items()):
+            del self.claims[session_id]
+            await self._release(session_id, epoch)
+        metrics.OWNED.set(0)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for session_id, epoch in self._releases:
-            if session_id in self.claims:
-                continue  # claimed again meanwhile
-            try:
-                await self.storage.write(sm.ReleaseSession(session_id=session_id, owner_epoch=epoch))
-                if session_id not in self.claims:
-                    await self.redis.eval(_RELEASE, keys=[owner_key(session_id)], args=[self.node])
-            except (ParleyError, trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
-                log.warning("session %s: release failed: %s", session_id, exc)
+            if session_id not in self.claims:  # else claimed again meanwhile
+                await self._release(session_id, epoch)
+
+    async def _release(self, session_id: str, epoch: int) -> None:
+        try:
+            await self.storage.write(sm.ReleaseSession(session_id=session_id, owner_epoch=epoch))
+            if session_id not in self.claims:
+                await self.redis.eval(_RELEASE, keys=[owner_key(session_id)], args=[self.node])
+        except (ParleyError, trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
+            log.warning("session %s: release failed: %s", session_id, exc)
 
     async def restore(self, session_id: str, owner: str) -> None:
         """Tell Redis again who owns a session (it forgot), unless it knows by now."""

@@ -82,8 +82,7 @@ class Sweeper:
         log.warning("node %s: lease of %s expired", self.here, ", ".join(sorted(died)))
         await self.lease.redis.delete([inbox_key(node) for node in died])
         self.directory.nodes_died(died)
-        for session_id in list(self.ownership.claims):
-            handle = await self.directory.local_handle(session_id)
+        for handle in self.directory.live_local():
             for node in died:
                 handle.send_nowait(MembersLost(node=node))
 

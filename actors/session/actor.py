@@ -37,7 +37,7 @@ from domain import metrics
 from domain.billing import Ledger
 from domain.errors import Fenced, Internal, NotFound, ParleyError, StorageUnavailable
 from domain.identity import Identity
-from domain.session import ACTIVE, SessionRecord
+from domain.session import ACTIVE, CANCELLED, ENDED, SessionRecord
 from domain.settings import Settings
 from protocol import wire
 from protocol.replies import Done, Reply
@@ -206,7 +206,11 @@ class SessionActor:
                 nursery.cancel_scope.cancel()
                 epoch = self._storage.epoch if self._storage is not None else None
                 if self.ctx.ownership is not None and epoch is not None:
-                    self.ctx.ownership.released(self.session_id, epoch)
+                    assert self._storage is not None
+                    self.ctx.ownership.stopped(
+                        self.session_id, epoch, fenced=self._storage.fenced,
+                        finished=self.session is None or self.session.state in (ENDED, CANCELLED),
+                    )
 
     async def _live(self) -> None:
         try:

@@ -7,8 +7,8 @@ loop sees `fenced` after the message it was handling and stops at once. With no
 epoch (one node) requests pass through unchanged.
 
 `Ownership` is the port a cluster gives session actors: claim the session before
-loading it (a Redis compare-and-set, then the epoch bump in PostgreSQL), and give
-it up when the actor ends.
+loading it (a Redis compare-and-set, then the epoch bump in PostgreSQL), and hear
+when the actor ends (an idle session stays owned by its node, to start there again).
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class Ownership(Protocol):
         live node owns it (the caller retries there), `NotFound` for an unknown session."""
         ...
 
-    def released(self, session_id: str, epoch: int) -> None:
-        """The actor holding `epoch` has stopped (never blocks)."""
+    def stopped(self, session_id: str, epoch: int, *, fenced: bool, finished: bool) -> None:
+        """The actor holding `epoch` has stopped (never blocks): because a newer owner exists
+        (`fenced`), because its session is over or unknown (`finished`), or it retired idle."""
         ...
 
 
