@@ -136,6 +136,7 @@ class ClusterDirectory:
                     del members[conn.user]
                     if not members:
                         del self._members[session_id]
+                        self._owners.pop(session_id, None)  # a cache: looked up again when needed
 
     async def route(self, session_id: str, message: SessionMessage, hops: int = 0) -> None:
         self._track(session_id, message)
@@ -146,8 +147,10 @@ class ClusterDirectory:
             await self.outbound.to_session(owner, session_id, message, hops)
 
     def live_local(self) -> list[SessionHandle]:
-        """Handles of the session actors running here."""
-        return [h for h in self._local.values() if not h.retired]
+        """Handles of the session actors running here (forgetting those that retired)."""
+        for session_id in [s for s, h in self._local.items() if h.retired]:
+            del self._local[session_id]
+        return list(self._local.values())
 
     def route_nowait(self, session_id: str, message: SessionMessage) -> bool:
         """For notices: only where the owner is known without asking Redis."""

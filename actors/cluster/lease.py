@@ -54,7 +54,8 @@ class NodeLease:
         self.ttl = ttl
         self._token = secrets.token_hex(8)
         self._valid_until = -math.inf
-        self.lost = trio.Event()  # set each time the lease lapses (replaced once renewed)
+        self._lapsed = False  # what the log last said
+        self._failing = False
 
     @property
     def valid(self) -> bool:
@@ -85,22 +86,24 @@ class NodeLease:
                     answer = await self.redis.eval(
                         _RENEW, keys=[node_key(self.node), NODES], args=[self._token, self.ttl_ms, self.node]
                     )
+                    self._failing = False
                 except (coredis.exceptions.RedisError, OSError) as exc:
-                    log.warning("node %s: lease renewal failed: %s", self.node, exc)
+                    if not self._failing:
+                        log.warning("node %s: lease renewal failed (retrying every %.2fs): %s",
+                                    self.node, interval, exc)
+                    self._failing = True
             if answer == 0:
                 raise LeaseTaken(f"node id {self.node!r} was taken by another process")
             if answer in (1, 2):
-                was_valid = self.valid
                 self._valid_until = max(self._valid_until, sent + self.ttl * TRUST)
-                if answer == 2 or not was_valid:
-                    log.warning("node %s: lease %s", self.node, "set again after it expired" if answer == 2
-                                else "renewed again")
-            if not self.valid and not self.lost.is_set():
+                if answer == 2:
+                    log.warning("node %s: lease had expired; set again", self.node)
+            if not self.valid and not self._lapsed:
                 metrics.LEASE_LOST.inc()
                 log.error("node %s: lease not renewed in time: refusing session writes until it is", self.node)
-                self.lost.set()
-            elif self.valid and self.lost.is_set():
-                self.lost = trio.Event()
+            elif self.valid and self._lapsed:
+                log.warning("node %s: lease renewed again", self.node)
+            self._lapsed = not self.valid
 
     async def release(self) -> None:
         """Graceful shutdown: others may take over at once."""

@@ -41,6 +41,7 @@ from .errors import ClusterRefused
 log = logging.getLogger("parley.cluster")
 
 SECRET_SETTING = "cluster.secret_sha256"
+HEARTBEAT_SETTING = "cluster.heartbeat"  # members on other nodes are judged silent by it
 STOP_TIMEOUT = 3.0
 READY_TIMEOUT = 2.0
 
@@ -117,6 +118,11 @@ async def _run_cluster(
     digest = hashlib.sha256(settings.secret.encode()).hexdigest()
     if await storage.write(sm.AgreeSetting(key=SECRET_SETTING, value=digest)) != digest:
         raise ClusterRefused("PARLEY_SECRET differs from the one this cluster was started with")
+    heartbeat = repr(float(settings.heartbeat))
+    agreed = await storage.write(sm.AgreeSetting(key=HEARTBEAT_SETTING, value=heartbeat))
+    if agreed != heartbeat:
+        raise ClusterRefused(f"--heartbeat {heartbeat} differs from the cluster's {agreed} (every node must use the"
+                             " same; to change it, stop every node and delete the meta row 'cluster.heartbeat')")
     node_id = settings.node_id or generated_node_id()
     redis: coredis.Redis[bytes] = coredis.Redis.from_url(settings.redis_url, connect_timeout=5)
     async with redis:

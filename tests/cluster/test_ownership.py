@@ -1,6 +1,6 @@
 """Ownership against a real Redis and PostgreSQL: two nodes racing to claim one session get
 exactly one owner each time, the epoch fences the other, and a node refuses to start
-without the cluster's secret."""
+without the cluster's secret (or heartbeat)."""
 
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ async def test_a_node_refuses_to_start_without_the_clusters_secret(nursery, tmp_
             with pytest.raises(BaseExceptionGroup) as refused:
                 await start_server(nursery, dataclasses.replace(settings, node_id=f"b{len(says)}", secret=secret))
             assert says in " ".join(str(e) for e in _leaves(refused.value, ClusterRefused))
+        with pytest.raises(BaseExceptionGroup) as differs:  # members on other nodes are judged by it
+            await start_server(nursery, dataclasses.replace(settings, node_id="c", heartbeat=5.0))
+        assert "--heartbeat 5.0 differs" in " ".join(str(e) for e in _leaves(differs.value, ClusterRefused))
         with pytest.raises(BaseExceptionGroup) as taken:  # a node id a live node holds
             await start_server(nursery, dataclasses.replace(settings, port=0))
         assert "in use by a live node" in " ".join(str(e) for e in _leaves(taken.value, ClusterRefused))
