@@ -194,16 +194,22 @@ async def _run_cluster(
 
 
 async def _arrived(envelope: list[Any], directory: Any, post_office: PostOffice) -> None:
+    """One message from another node. One that does not decode (a node of another version)
+    is logged and dropped: it must not take this node's inbox down with it."""
     from . import codec
 
-    match envelope[0]:
-        case "d":
-            item = codec.from_plain(envelope[2])
-            for conn_id in envelope[1]:
-                post_office.deliver(ConnectionRef(id=conn_id, user=""), item)
-        case "r":
-            post_office.reply(codec.from_plain(envelope[1]), codec.from_plain(envelope[2]))
-        case "s":
-            await directory.arrive(envelope[1], codec.from_plain(envelope[3]), envelope[2])
+    try:
+        decoded = [envelope[0], *(codec.from_plain(part) for part in envelope[1:])]
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("inbox: dropped a message that does not decode (%s: %s)", type(exc).__name__, exc)
+        return
+    match decoded[0]:
+        case "d":  # ["d", [conn ids], item]
+            for conn_id in decoded[1]:
+                post_office.deliver(ConnectionRef(id=conn_id, user=""), decoded[2])
+        case "r":  # ["r", reply-to, result]
+            post_office.reply(decoded[1], decoded[2])
+        case "s":  # ["s", session id, hops, message]
+            await directory.arrive(decoded[1], decoded[3], decoded[2])
         case _:
             log.warning("inbox: dropped unknown envelope %r", envelope[0])
