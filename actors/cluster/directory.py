@@ -90,10 +90,15 @@ class ClusterDirectory:
         return RoutedHandle(session_id, self)
 
     def learned_owner(self, session_id: str, owner: str | None) -> None:
+        """Who owns a session, as just learned. If it moved away from the node our connections
+        joined it at, they join it again at the new one (the old one's membership is gone)."""
+        previous = self._owners.get(session_id)
         if owner is None or owner == self.here:
             self._owners.pop(session_id, None)
         else:
             self._owners[session_id] = owner
+        if previous is not None and previous != owner:
+            self._queue_rejoin(session_id)
 
     # ------------------------------------------------------------ routing
 

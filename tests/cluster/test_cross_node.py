@@ -101,3 +101,32 @@ async def test_a_remote_member_whose_reports_stop_is_dropped_at_its_last_report(
         assert bill["billable_ms"] <= 20  # billed up to its last report (the join), not the silence after
         timeline = (await n1.http.get(f"/api/sessions/{sid}/timeline", headers=n1.auth("alice"))).json()["items"]
         assert any(e["kind"] == "dropped" and e["actor"] == "bob" for e in timeline)
+
+
+async def test_a_graceful_shutdown_hands_sessions_over(make_node):
+    """SIGTERM of the owner: it checkpoints, gives its sessions and its lease up, and the
+    connections on the other node are joined again at the new owner without a reconnect."""
+    with trio.fail_after(TEST_TIMEOUT):
+        n1 = await make_node("n1", billing_tick=0.5)
+        n2 = await make_node("n2", billing_tick=0.5)
+        session = await n1.create_session()
+        sid = session["id"]
+        await n1.start_session(sid)
+        async with n2.client("alice") as alice, n2.client("bob") as bob:
+            await alice.request("join", session=sid)
+            await bob.request("join", session=sid)
+            await alice.request("chat.send", session=sid, client_id="c1", body="before")
+            await n1.stop()
+            with trio.fail_after(5):
+                while (await n2.http.get(f"/api/sessions/{sid}", headers=n2.auth("admin", admin=True))).json()[
+                        "owner_node"] != "n2":
+                    await trio.sleep(0.05)
+            with trio.fail_after(5):  # both joined again by their node: billing goes on
+                seen = []
+                while len(seen) < 2 or seen[-1] <= seen[-2]:
+                    live = (await n2.http.get(f"/api/sessions/{sid}/billing", headers=n2.auth("alice"))).json()
+                    seen.append(live["billable_ms"])
+                    await trio.sleep(0.2)
+            ack = await alice.request("chat.send", session=sid, client_id="c2", body="after")
+            assert ack["seq"] == 2
+            assert [(await bob.next_event("chat.message"))["seq"] for _ in range(2)] == [1, 2]
