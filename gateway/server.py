@@ -82,7 +82,7 @@ async def serve(
             directory = await node.attach(supervisor_handle)
             context = ConnectionContext(
                 settings=settings, storage=node.storage, directory=directory, post_office=post_office, clock=clock,
-                authenticate=TokenVerifier(secret), shutting_down=trio.Event(),
+                authenticate=TokenVerifier(secret), shutting_down=trio.Event(), admission=node.admission,
             )
             app = create_app(context, mint=functools.partial(mint_token, secret))
             listener = Listener(app=app, context=context)

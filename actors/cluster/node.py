@@ -31,6 +31,7 @@ from storage import messages as sm
 from storage.actor import StorageHandle
 
 from ..clock import WallClock
+from ..connection import Admission
 from ..directory import SessionDirectory
 from ..ports import ConnectionRef, Delivery
 from ..post_office import PostOffice
@@ -55,6 +56,7 @@ class Node:
     storage: StorageHandle
     attach: Callable[[SupervisorHandle], Awaitable[SessionDirectory]]
     stop: Callable[[], Awaitable[None]]
+    admission: Admission | None = None
 
 
 def generated_node_id() -> str:
@@ -106,6 +108,7 @@ async def _run_cluster(
 ) -> None:
     import coredis
 
+    from .admission import ClusterAdmission
     from .delivery import RemoteDelivery
     from .directory import ClusterDirectory
     from .inbox import Inbox, Outbound
@@ -137,6 +140,7 @@ async def _run_cluster(
         outbound = Outbound(redis, node_id)
         delivery = RemoteDelivery(post_office, outbound, node_id)
         ownership = RedisOwnership(redis, lease, storage, clock)
+        admission = ClusterAdmission(redis, node_id, settings.max_connections_per_user)
 
         async def ready() -> bool:
             if not lease.valid:
@@ -180,7 +184,7 @@ async def _run_cluster(
 
             task_status.started(Node(
                 node_id=node_id, resume=(), delivery=delivery, ownership=ownership,
-                storage=_ReadyStorage(storage, ready), attach=attach, stop=request_stop,
+                storage=_ReadyStorage(storage, ready), attach=attach, stop=request_stop, admission=admission,
             ))
             await stop.wait()
             # the sessions have stopped: their releases go out, then the lease (others take over at once)

@@ -3,7 +3,11 @@ the provider on node 2, the session owned by node 3. Everything works as on one 
 
 from __future__ import annotations
 
+import coredis
+import orjson
+import pytest
 import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from actors.ports import ConnectionRef, ToConnection
 from actors.session import JoinSession
@@ -130,3 +134,25 @@ async def test_a_graceful_shutdown_hands_sessions_over(make_node):
             ack = await alice.request("chat.send", session=sid, client_id="c2", body="after")
             assert ack["seq"] == 2
             assert [(await bob.next_event("chat.message"))["seq"] for _ in range(2)] == [1, 2]
+
+
+async def test_connections_per_user_are_limited_cluster_wide(make_node, redis_server):
+    with trio.fail_after(TEST_TIMEOUT):
+        n1 = await make_node("n1", max_connections_per_user=2)
+        n2 = await make_node("n2", max_connections_per_user=2)
+        async with n1.client("alice") as one, n2.client("alice") as two:
+            for node in (n1, n2):  # a third, on either node, is one too many
+                async with open_websocket_url(node.ws_url) as ws:
+                    await ws.send_message(orjson.dumps({"type": "hello", "token": node.token("alice")}).decode())
+                    with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            await ws.get_message()
+                assert closed.value.reason.code == 4008
+            await one.request("ping")
+            await two.request("ping")
+        # closed connections count no more; a dead node's connections neither
+        async with coredis.Redis.from_url(redis_server.url) as redis:
+            await redis.hset("parley:conns:alice", {"a-dead-node": 5})
+        async with n1.client("alice") as again, n2.client("alice") as also:
+            await again.request("ping")
+            await also.request("ping")
