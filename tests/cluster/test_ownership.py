@@ -103,3 +103,20 @@ def _leaves(group: BaseExceptionGroup, kind: type[BaseException]) -> list[BaseEx
         else:
             found.append(exc)
     return found
+
+
+def test_run_py_says_why_a_node_cannot_join(tmp_path, cluster_env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PARLEY_SECRET"} | cluster_env
+    refused = subprocess.run(
+        [sys.executable, "run.py", "--port", "0", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "cannot start: cluster mode needs PARLEY_SECRET" in refused.stderr
+    assert "Traceback" not in refused.stderr
