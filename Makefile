@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# PostgreSQL, Redis, three nodes and HAProxy on http://127.0.0.1:8080 (deploy/local-cluster.sh)
+cluster: $(VENV)/.installed
+	PY=$(PY) deploy/local-cluster.sh
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'

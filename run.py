@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from actors.cluster.errors import ClusterRefused
 from domain.errors import StorageUnavailable
 from domain.settings import Settings
 from gateway.origins import parse_allowed
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-private-webhooks", action="store_true", default=_env_bool("ALLOW_PRIVATE_WEBHOOKS"),
                        help="webhook endpoints may be on loopback/private addresses (PARLEY_ALLOW_PRIVATE_WEBHOOKS=1)")
         p.add_argument("--log-level", default=_env("LOG_LEVEL", defaults.log_level))
+        p.add_argument("--node-id", default=_env("NODE_ID"),
+                       help="cluster mode: this node's id, unique among live nodes (PARLEY_NODE_ID; default generated)")
+        p.add_argument("--lease-ttl", type=float, default=float(_env("LEASE_TTL", str(defaults.lease_ttl))),
+                       help="cluster mode: seconds a node's lease outlives its last renewal (PARLEY_LEASE_TTL)")
 
     token = sub.add_parser("token", help="print a token signed with the server's secret")
     token.add_argument("user")
@@ -139,6 +144,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rest_write_burst=max(1, int(args.rest_writes_per_second * 4)),
         allowed_origins=parse_allowed(args.allowed_origins),
         redis_url=_env("REDIS_URL") or None,
+        node_id=args.node_id or None,
+        lease_ttl=args.lease_ttl,
         database_url=args.database_url or None,
         log_level=args.log_level,
     )
@@ -187,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("open-file limit raised from %d to %d (the hard limit)", before, after)
     else:
         log.info("open-file limit: %d", after)
-    if settings.redis_url:
+    if settings.redis_url and not settings.database_url:
         logging.getLogger("parley").error(
-            "PARLEY_REDIS_URL: cluster mode is not implemented yet; unset it to run one node "
-            "(on SQLite, or on PostgreSQL with PARLEY_DATABASE_URL alone)"
+            "PARLEY_REDIS_URL (cluster mode) needs PARLEY_DATABASE_URL=postgresql://… shared by every node"
         )
         return 2
     if settings.database_url and not settings.database_url.startswith(("postgresql://", "postgres://")):
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[BaseException] = []
     try:
         trio.run(_serve, settings)
-    except* StorageUnavailable as group:  # the database could not be opened at start
+    except* (StorageUnavailable, ClusterRefused) as group:  # the database or the cluster refused at start
         failed.extend(_leaves(group))
     for reason in failed:
         logging.getLogger("parley").error("cannot start: %s", reason)

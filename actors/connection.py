@@ -24,6 +24,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -73,6 +74,14 @@ CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
 
 
+class Admission(Protocol):
+    """Cluster mode: connections per user counted across nodes (actors/cluster/admission.py)."""
+
+    async def admit(self, user: str) -> bool: ...
+
+    async def leave(self, user: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionContext:
     """What every connection actor needs from the process."""
@@ -84,6 +93,7 @@ class ConnectionContext:
     clock: WallClock
     authenticate: Callable[[str], Identity]  # raises Unauthorized
     shutting_down: trio.Event
+    admission: Admission | None = None  # cluster mode: the per-user limit across nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +188,14 @@ class Connection:
     # ------------------------------------------------------------ lifetime
 
     async def run(self) -> None:
+        admission = self.ctx.admission
+        if admission is not None and not await admission.admit(self.ref.user):
+            metrics.ERRORS.labels("rate_limited").inc()
+            await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
+            return
         if not self.ctx.post_office.open_box(self.ref, self._outbox_send, on_overrun=self._slow_consumer):
+            if admission is not None:
+                await admission.leave(self.ref.user)
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
@@ -195,6 +212,8 @@ class Connection:
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
             self.ctx.post_office.close_box(self.ref)
+            if admission is not None:
+                await admission.leave(self.ref.user)  # shielded, bounded
             finished = self._finished or _Finished(CLOSE_NORMAL, "closed")
             await self._leave_all(finished)
             self._outbox.close()

@@ -72,6 +72,10 @@ class PostOffice:
         if self._per_user[conn.user] <= 0:
             del self._per_user[conn.user]
 
+    def is_open(self, conn_id: str) -> bool:
+        """The connection is still here (cluster mode: only live connections are joined again)."""
+        return conn_id in self._boxes
+
     def deliver(self, conn: ConnectionRef, item: Outgoing) -> None:
         box = self._boxes.get(conn.id)
         if box is None:

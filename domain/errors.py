@@ -73,6 +73,15 @@ class StorageUnavailable(ParleyError):
     status = 503
 
 
+class Fenced(ParleyError):
+    """Cluster mode: a newer owner of the session exists, so this node's write was refused
+    (nothing of it was kept). The session actor that got it stops at once; a client that
+    retries reaches the new owner."""
+
+    code = "internal"
+    status = 503
+
+
 class Internal(ParleyError):
     code = "internal"
     status = 500

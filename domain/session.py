@@ -42,6 +42,7 @@ class SessionRecord:
     end_reason: str | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_by: str = ""
+    owner_node: str | None = None  # cluster mode: the node whose actor runs it (shown to admins)
 
     @property
     def participants(self) -> tuple[str, ...]:

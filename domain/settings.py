@@ -44,8 +44,10 @@ class Settings:
     turn_ttl: int = 3600
     # webhooks: endpoints on loopback/private/link-local/metadata addresses (also allowed in dev mode)
     allow_private_webhooks: bool = False
-    # cluster (redis_url is not implemented yet: refused at start)
+    # cluster: redis_url (with a postgresql database_url) makes this process one node of a cluster
     redis_url: str | None = None
+    node_id: str | None = None  # None: generated at start (host name and a random suffix)
+    lease_ttl: float = 2.0  # seconds a node's lease lives unrenewed; renewed every third of it
     database_url: str | None = None  # postgresql://…: alone, one node on PostgreSQL instead of SQLite
     log_level: str = "INFO"
 

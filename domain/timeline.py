@@ -18,6 +18,7 @@ BILLING_STOPPED = "billing_stopped"
 BILLING_LIMIT_NEAR = "billing_limit_near"
 BILLING_GAP = "billing_gap"  # the server was down: time not billed
 BILLING_FINALIZED = "billing_finalized"
+TAKEN_OVER = "taken_over"  # cluster mode: another node claimed the session after its owner's lease expired
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

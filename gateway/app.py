@@ -159,6 +159,14 @@ def _billing_wire(session: SessionRecord, state: sm.BillingState | replies.LiveB
     }
 
 
+def _session_wire(session: SessionRecord, caller: Identity, *, cluster: bool) -> dict:
+    """The session object; in a cluster, admins also see which node owns it (PRODUCT.md section 10)."""
+    body = wire.record(session)
+    if cluster and caller.is_admin:
+        body["owner_node"] = session.owner_node
+    return body
+
+
 def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> QuartTrio:
     settings = services.settings
     storage = services.storage
@@ -317,7 +325,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
             limit=query_args.limit,
         ))
         return _json({
-            "items": [wire.record(s) for s in page],
+            "items": [_session_wire(s, caller, cluster=bool(settings.redis_url)) for s in page],
             "next_cursor": None if next_cursor is None else str(next_cursor),
         })
 
@@ -325,7 +333,7 @@ def create_app(services: ConnectionContext, *, mint: Callable[..., str]) -> Quar
     @document_response(schemas.Session)
     @authenticated
     async def get_session(session_id: str) -> Response:
-        return _json(wire.record(await visible_session(session_id)))
+        return _json(_session_wire(await visible_session(session_id), g.caller, cluster=bool(settings.redis_url)))
 
     async def transition(session_id: str, name: str) -> Response:
         await visible_session(session_id)

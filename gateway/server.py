@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from actors.clock import WallClock
+from actors.cluster.node import Node, run_node
 from actors.connection import ConnectionContext
 from actors.post_office import PostOffice
 from actors.session import SessionContext
@@ -26,7 +27,6 @@ from actors.supervise import Supervisor, SupervisorHandle
 from actors.webhooks import WebhookActor, WebhookHandle
 from domain.settings import Settings
 from storage import backend_for
-from storage import messages as sm
 from storage.actor import Backend, StorageActor, StorageHandle
 
 from .app import create_app
@@ -49,6 +49,7 @@ class Running:
     context: ConnectionContext
     secret: str
     webhooks: WebhookHandle
+    node_id: str | None = None  # cluster mode: this node's id
 
 
 async def serve(
@@ -66,22 +67,29 @@ async def serve(
     storage_actor = StorageActor(backend, max_batch=settings.storage_batch)
     async with trio.open_nursery() as storage_nursery:
         storage: StorageHandle = await storage_nursery.start(storage_actor.run)
-        active = await storage.write(sm.ReconcileAfterRestart(now=clock.now_ms()))
+        post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
+        # one node alone, or one node of a cluster (actors/cluster/node.py)
+        node: Node = await storage_nursery.start(functools.partial(
+            run_node, settings, storage=storage, post_office=post_office, clock=clock, secret=secret,
+        ))
+        active = node.resume
         if active:
             log.info("resuming %d active sessions", len(active))
         webhooks: WebhookHandle = await storage_nursery.start(WebhookActor(
             storage, clock, commits=getattr(backend, "webhook_commits", None),
             allow_private=settings.dev or settings.allow_private_webhooks,
         ).run)
-        post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
         supervisor = Supervisor(
-            SessionContext(storage=storage, settings=settings, clock=clock, delivery=post_office), calls=post_office
+            SessionContext(storage=storage, settings=settings, clock=clock, delivery=node.delivery,
+                           ownership=node.ownership),
+            calls=post_office,
         )
         async with trio.open_nursery() as session_nursery:
             supervisor_handle = await session_nursery.start(functools.partial(supervisor.run, resume=active))
+            directory = await node.attach(supervisor_handle)
             context = ConnectionContext(
-                settings=settings, storage=storage, directory=supervisor_handle, post_office=post_office, clock=clock,
-                authenticate=TokenVerifier(secret), shutting_down=trio.Event(),
+                settings=settings, storage=node.storage, directory=directory, post_office=post_office, clock=clock,
+                authenticate=TokenVerifier(secret), shutting_down=trio.Event(), admission=node.admission,
             )
             app = create_app(context, mint=functools.partial(mint_token, secret))
             listener = Listener(app=app, context=context)
@@ -94,7 +102,7 @@ async def serve(
                 log.info("listening on http://%s:%d", settings.host, port)
                 task_status.started(Running(
                     port=port, storage=storage, supervisor=supervisor_handle, post_office=post_office,
-                    context=context, secret=secret, webhooks=webhooks,
+                    context=context, secret=secret, webhooks=webhooks, node_id=node.node_id,
                 ))
                 await shutdown.wait()
                 log.info("shutting down: closing connections")
@@ -108,5 +116,6 @@ async def serve(
             session_nursery.cancel_scope.cancel()
         webhooks.stop()  # after the sessions: what they committed last stays in the outbox
         log.info("flushing storage")
+        await node.stop()
         await storage.aclose()
     log.info("stopped")

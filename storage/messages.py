@@ -75,6 +75,7 @@ class TransitionSession(Write[SessionRecord]):
     end_reason: str | None = None
     final_billing: BillingState | None = None
     timeline: tuple[TimelineEntry, ...] = ()
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +83,7 @@ class AppendTimeline(Write[None]):
     """→ None."""
 
     entries: tuple[TimelineEntry, ...]
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +92,7 @@ class CheckpointBilling(Write[None]):
 
     billing: BillingState
     timeline: tuple[TimelineEntry, ...] = ()
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +103,7 @@ class InsertMessage(Write[tuple[ChatMessage, bool]]):
     """
 
     message: ChatMessage
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +115,7 @@ class EditMessage(Write[ChatMessage]):
     editor: str
     body: str
     at: int
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +127,7 @@ class DeleteMessage(Write[ChatMessage]):
     by: str
     as_admin: bool
     at: int
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +138,7 @@ class RaiseMark(Write[Marks]):
     user: str
     kind: str  # delivered | read
     seq: int
+    epoch: int | None = None  # cluster mode: refused (Fenced) unless the session's owner_epoch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +160,32 @@ class ReconcileAfterRestart(Write[tuple[str, ...]]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimSession(Write[int]):
+    """→ the session's new owner epoch. Cluster mode: `node` now owns it; every write carrying
+    an older epoch is refused from here on (Fenced). NotFound for an unknown session."""
+
+    session_id: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseSession(Write[None]):
+    """→ None. The owner gives the session up (`owner_node` NULL), if `owner_epoch` is still its own."""
+
+    session_id: str
+    owner_epoch: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgreeSetting(Write[str]):
+    """→ the value stored under `key`: `value` if none was, else the first one stored (cluster
+    settings that must agree across nodes)."""
+
+    key: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeWrite(Write[None]):
     """→ None. A harmless write, for readiness checks."""
 
@@ -170,6 +203,9 @@ WriteRequest = (
     | RaiseMark
     | SaveIdempotentReply
     | ReconcileAfterRestart
+    | ClaimSession
+    | ReleaseSession
+    | AgreeSetting
     | ProbeWrite
 )
 
@@ -244,6 +280,11 @@ class GetIdempotentReply(Read[tuple[int, bytes] | None]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ListActiveOwners(Read[tuple[tuple[str, str | None], ...]]):
+    """→ ((session id, owner node | None), ...) of every active session (the takeover sweep)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeRead(Read[None]):
     """→ None."""
 
@@ -257,5 +298,6 @@ ReadRequest = (
     | GetBilling
     | GetTimeline
     | GetIdempotentReply
+    | ListActiveOwners
     | ProbeRead
 )

@@ -108,10 +108,16 @@ def _v2_numbering_and_epoch(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v3_owner_node(db: sqlite_utils.Database) -> None:
+    # cluster mode: the node that last claimed the session (NULL once it gave it up)
+    db.execute("ALTER TABLE sessions ADD COLUMN owner_node TEXT")
+
+
 SQLITE_MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _v1_initial,
     _v2_numbering_and_epoch,
     sqlite_v3_webhooks,  # storage/webhooks_schema.py
+    _v3_owner_node,
 )
 
 # PostgreSQL: the same tables, in its own types (epoch milliseconds need bigint).
@@ -191,6 +197,9 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         (SELECT COALESCE(MAX(seq), 0) FROM messages WHERE messages.session_id = sessions.id)
     """,
     POSTGRES_V3_WEBHOOKS,  # storage/webhooks_schema.py
+    """
+    ALTER TABLE sessions ADD COLUMN owner_node text
+    """,
 )
 
 SCHEMA_VERSION = len(SQLITE_MIGRATIONS)

@@ -23,7 +23,7 @@ import orjson
 from domain import session as lifecycle
 from domain.billing import amount_minor
 from domain.chat import ChatMessage, Marks
-from domain.errors import Conflict, Forbidden, NotFound
+from domain.errors import Conflict, Fenced, Forbidden, NotFound
 from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, TimelineEntry
 
@@ -36,7 +36,7 @@ Row = Sequence[Any]
 
 SESSION_COLUMNS = (
     "id, payer, provider, guests, rate_per_minute, currency, max_amount_minor, state,"
-    " created_at, started_at, ended_at, end_reason, metadata, created_by, cursor"
+    " created_at, started_at, ended_at, end_reason, metadata, created_by, cursor, owner_node"
 )
 MESSAGE_COLUMNS = "id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted"
 
@@ -65,6 +65,7 @@ def session_from_row(row: Row) -> SessionRecord:
         end_reason=row[11],
         metadata=orjson.loads(row[12] or "{}"),
         created_by=row[13] or "",
+        owner_node=row[15],
     )
 
 
@@ -80,6 +81,18 @@ def message_from_row(row: Row) -> ChatMessage:
         edited_at=row[7],
         deleted=bool(row[8]),
     )
+
+
+def _session_of(request: m.WriteRequest) -> str | None:
+    """The session a fenced write belongs to (None: an empty timeline append writes nothing)."""
+    match request:
+        case m.AppendTimeline(entries=entries):
+            return entries[0].session_id if entries else None
+        case m.CheckpointBilling(billing=billing):
+            return billing.session_id
+        case m.InsertMessage(message=message):
+            return message.session_id
+    return request.session_id  # type: ignore[union-attr]
 
 
 def _mapped(method: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[B, P], T]:
@@ -161,6 +174,10 @@ class SqlBackend(WebhookSql):
 
     @_mapped
     def write(self, conn: Connection, request: m.WriteRequest) -> Any:
+        epoch = getattr(request, "epoch", None)
+        fenced_session = _session_of(request) if epoch is not None else None
+        if fenced_session is not None:
+            self._fence(conn, fenced_session, epoch)
         result = self._write(conn, request)
         self._outbox(conn, request, result)  # webhooks: this change's events, in its transaction
         return result
@@ -196,6 +213,28 @@ class SqlBackend(WebhookSql):
                 return None
             case m.ReconcileAfterRestart(now=now):
                 return self._reconcile(conn, now)
+            case m.ClaimSession(session_id=session_id, node=node):
+                row = self._execute(
+                    conn,
+                    "UPDATE sessions SET owner_epoch = owner_epoch + 1, owner_node = ? WHERE id = ?"
+                    " RETURNING owner_epoch",
+                    (node, session_id),
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no session {session_id}")
+                return row[0]
+            case m.ReleaseSession(session_id=session_id, owner_epoch=epoch):
+                self._execute(
+                    conn,
+                    "UPDATE sessions SET owner_node = NULL WHERE id = ? AND owner_epoch = ?",
+                    (session_id, epoch),
+                )
+                return None
+            case m.AgreeSetting(key=key, value=value):
+                self._execute(
+                    conn, "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value)
+                )
+                return self._execute(conn, "SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
             case m.ProbeWrite(at=at):
                 self._execute(
                     conn,
@@ -208,6 +247,17 @@ class SqlBackend(WebhookSql):
                     | w.RetryDelivery():
                 return self._webhook_write(conn, request)
         raise TypeError(f"unknown write request {request!r}")
+
+    def _fence(self, conn: Connection, session_id: str, epoch: int) -> None:
+        """Refuse a write of an owner that is no longer the session's owner. The no-op update
+        takes the session row's lock until commit, so a claim waits for this write's batch,
+        and a write waiting behind a committed claim sees the new epoch (and is refused)."""
+        row = self._execute(
+            conn, "UPDATE sessions SET owner_epoch = owner_epoch WHERE id = ? AND owner_epoch = ? RETURNING id",
+            (session_id, epoch),
+        ).fetchone()
+        if row is None:
+            raise Fenced(f"session {session_id} has a newer owner than epoch {epoch}")
 
     def _create_session(self, conn: Connection, request: m.CreateSession) -> tuple[SessionRecord, bool]:
         session = request.session
@@ -454,6 +504,9 @@ class SqlBackend(WebhookSql):
                     (user, route, key),
                 ).fetchone()
                 return None if row is None else (row[0], bytes(row[1]))
+            case m.ListActiveOwners():
+                rows = self._execute(conn, "SELECT id, owner_node FROM sessions WHERE state = 'active'").fetchall()
+                return tuple((r[0], r[1]) for r in rows)
             case m.ProbeRead():
                 self._execute(conn, "SELECT 1").fetchone()
                 return None

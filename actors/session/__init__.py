@@ -20,6 +20,7 @@ from .messages import (
     JoinSession,
     LeaveSession,
     MemberAlive,
+    MembersLost,
     RaiseReceipt,
     RelaySignal,
     SendChat,
@@ -30,6 +31,6 @@ from .messages import (
 
 __all__ = [
     "MAILBOX_SIZE", "DeleteChat", "EditChat", "Flush", "GetLiveBilling", "JoinSession", "LeaveSession",
-    "MemberAlive", "RaiseReceipt", "RelaySignal", "SendChat", "SessionActor", "SessionContext", "SessionCrashed",
-    "SessionGone", "SessionHandle", "SessionMessage", "SetTyping", "Transition",
+    "MemberAlive", "MembersLost", "RaiseReceipt", "RelaySignal", "SendChat", "SessionActor", "SessionContext",
+    "SessionCrashed", "SessionGone", "SessionHandle", "SessionMessage", "SetTyping", "Transition",
 ]

@@ -35,9 +35,9 @@ import trio
 
 from domain import audit, metrics
 from domain.billing import Ledger
-from domain.errors import Forbidden, Internal, NotFound, ParleyError, StorageUnavailable
+from domain.errors import Fenced, Forbidden, Internal, NotFound, ParleyError, StorageUnavailable
 from domain.identity import Identity
-from domain.session import ACTIVE, SessionRecord
+from domain.session import ACTIVE, CANCELLED, ENDED, SessionRecord
 from domain.settings import Settings
 from protocol import wire
 from protocol.replies import Done, Reply
@@ -48,6 +48,7 @@ from ..billing_timer import BillingTimer
 from ..clock import WallClock
 from ..ports import ConnectionRef, Delivery, Outgoing, ReplyTo
 from . import billing, chat, lifecycle, presence
+from .fencing import Ownership, SessionStorage
 from .messages import (
     BillingDue,
     DeleteChat,
@@ -57,6 +58,7 @@ from .messages import (
     JoinSession,
     LeaveSession,
     MemberAlive,
+    MembersLost,
     RaiseReceipt,
     RelaySignal,
     SendChat,
@@ -117,6 +119,7 @@ class SessionContext:
     settings: Settings
     clock: WallClock
     delivery: Delivery
+    ownership: Ownership | None = None  # cluster mode: claim before loading, fence every write
 
 
 class SessionCrashed(Exception):
@@ -145,12 +148,17 @@ class SessionActor:
     offset_ms: int = 0  # added to the process's wall clock for this session's instants
     _taken: collections.deque[SessionMessage] = field(default_factory=collections.deque)
     _idle_until: float = math.inf  # an idle actor retires once this has passed
+    _nursery: trio.Nursery | None = None
+    _storage: SessionStorage | None = None
 
     # ------------------------------------------------------------ what handlers use
 
     @property
     def storage(self) -> StorageHandle:
-        return self.ctx.storage
+        """Storage as this session writes it: stamped with its owner epoch in a cluster."""
+        if self._storage is None:
+            self._storage = SessionStorage(self.ctx.storage, self.ctx.ownership)
+        return self._storage  # type: ignore[return-value]
 
     @property
     def settings(self) -> Settings:
@@ -195,6 +203,13 @@ class SessionActor:
                 ) from exc
             finally:
                 nursery.cancel_scope.cancel()
+                epoch = self._storage.epoch if self._storage is not None else None
+                if self.ctx.ownership is not None and epoch is not None:
+                    assert self._storage is not None
+                    self.ctx.ownership.stopped(
+                        self.session_id, epoch, fenced=self._storage.fenced,
+                        finished=self.session is None or self.session.state in (ENDED, CANCELLED),
+                    )
 
     async def _live(self) -> None:
         try:
@@ -213,6 +228,10 @@ class SessionActor:
 
     async def _load(self) -> None:
         storage = self.storage
+        if self.ctx.ownership is not None:
+            epoch = await self.ctx.ownership.claim(self.session_id)
+            assert self._storage is not None
+            self._storage.epoch = epoch
         self.session = await storage.read(sm.GetSession(session_id=self.session_id))
         self.last_seq, _ = await storage.read(sm.GetChatState(session_id=self.session_id, user=""))
         state = await storage.read(sm.GetBilling(session_id=self.session_id)) if self.session.state == ACTIVE else None
@@ -278,6 +297,12 @@ class SessionActor:
                 else:
                     self._idle_until = -math.inf  # from now on, idle means retire at once
                     await self._dispatch(message)
+            if self._storage is not None and self._storage.fenced:
+                # another node owns the session now: give it up at once, every queued
+                # request answered with an error its client retries (reaching the new owner)
+                log.warning("session %s: a newer owner exists; giving it up", self.session_id)
+                self._refuse_queued(Fenced("the session moved to another node; try again"))
+                return
             if self._idle() and not self._taken and trio.current_time() >= self._idle_until:
                 if not self._take_one_nowait():
                     self.mailbox.close()
@@ -301,11 +326,15 @@ class SessionActor:
         for member in self.members.values():
             if member.typing_until is not None:
                 deadline = min(deadline, member.typing_until)
+            if member.conn.node is not None:  # on another node: dropped once silent too long
+                silent_at = member.alive_ms + presence.silence_ms(self)
+                deadline = min(deadline, trio.current_time() + max(0, silent_at - self.now_ms()) / 1000)
         return deadline
 
     async def _on_deadline(self) -> None:
         now = trio.current_time()
         presence.expire_typing(self, now)
+        await presence.drop_silent(self)
         if self.orphan_since is not None and not self.members:
             await lifecycle.end_if_orphaned(self, now)
 
@@ -335,6 +364,8 @@ class SessionActor:
                     await presence.leave(self, message)
                 case MemberAlive():
                     presence.alive(self, message)
+                case MembersLost():
+                    await presence.lost_node(self, message)
                 case RelaySignal():
                     presence.relay_signal(self, message)
                 case SetTyping():
@@ -361,7 +392,7 @@ class SessionActor:
                 self._audit(message, exc)
             if reply is not None:
                 self.reply(reply, exc)
-            elif isinstance(exc, StorageUnavailable):
+            elif isinstance(exc, (StorageUnavailable, Fenced)):
                 log.error("session %s: %s", self.session_id, exc)
             else:
                 raise

@@ -39,6 +39,14 @@ class MemberAlive:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MembersLost:
+    """Cluster mode: `node`'s lease expired, so its connections are gone. Its members leave
+    at the last instant each was reported alive (never later)."""
+
+    node: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RelaySignal:
     conn: ConnectionRef
     to: str
@@ -117,6 +125,7 @@ SessionMessage = (
     JoinSession
     | LeaveSession
     | MemberAlive
+    | MembersLost
     | RelaySignal
     | SendChat
     | EditChat

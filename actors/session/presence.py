@@ -19,7 +19,7 @@ from storage import messages as sm
 
 from ..ports import ChatCursor, ConnectionRef
 from . import billing
-from .messages import JoinSession, LeaveSession, MemberAlive, RelaySignal, SetTyping
+from .messages import JoinSession, LeaveSession, MemberAlive, MembersLost, RelaySignal, SetTyping
 
 if TYPE_CHECKING:
     from .actor import SessionActor
@@ -127,6 +127,30 @@ def alive(s: SessionActor, message: MemberAlive) -> None:
     member = s.members.get(message.conn.user)
     if member is not None and member.conn.id == message.conn.id:
         member.alive_ms = max(member.alive_ms, min(s.now_ms(), s.to_session_ms(message.at_ms)))
+
+
+SILENT_HEARTBEATS = 3  # a member on another node not reported alive for this many intervals is gone
+
+
+def silence_ms(s: SessionActor) -> int:
+    return int(SILENT_HEARTBEATS * s.settings.heartbeat * 1000)
+
+
+async def drop_silent(s: SessionActor) -> None:
+    """Members on other nodes whose alive reports stopped (their leave was lost on the way:
+    Redis restarted) leave at their last reported instant, so no ghost is ever billed."""
+    now_ms = s.now_ms()
+    for member in [m for m in s.members.values() if m.conn.node is not None]:
+        if now_ms - member.alive_ms >= silence_ms(s):
+            last_alive_wall_ms = member.alive_ms - s.offset_ms
+            await leave(s, LeaveSession(conn=member.conn, reason="dropped", last_alive_ms=last_alive_wall_ms))
+
+
+async def lost_node(s: SessionActor, message: MembersLost) -> None:
+    """Members whose connections were on a node that died leave at their last known-alive instant."""
+    for member in [m for m in s.members.values() if m.conn.node == message.node]:
+        last_alive_wall_ms = member.alive_ms - s.offset_ms  # `leave` takes the process's wall clock
+        await leave(s, LeaveSession(conn=member.conn, reason="dropped", last_alive_ms=last_alive_wall_ms))
 
 
 def relay_signal(s: SessionActor, message: RelaySignal) -> None:

@@ -126,9 +126,9 @@ async def test_run_py_serves_on_postgres_with_database_url_alone(tmp_path: Path,
     assert PostgresStore(postgres_url).count("sessions") == 0  # migrated, empty
 
 
-def test_run_py_refuses_redis_url_a_non_postgres_url_and_an_unreachable_database(tmp_path: Path):
+def test_run_py_refuses_redis_url_without_postgres_a_non_postgres_url_and_an_unreachable_database(tmp_path: Path):
     for variables, code, says in (
-        ({"PARLEY_REDIS_URL": "redis://localhost:6379"}, 2, "PARLEY_REDIS_URL: cluster mode is not implemented yet"),
+        ({"PARLEY_REDIS_URL": "redis://localhost:6379"}, 2, "(cluster mode) needs PARLEY_DATABASE_URL"),
         ({"PARLEY_DATABASE_URL": "mysql://db/parley"}, 2, "must be a postgresql:// URL"),
         ({"PARLEY_DATABASE_URL": "postgresql://parley:hunter2@127.0.0.1:1/parley", "PARLEY_SECRET": SECRET}, 1,
          "cannot start: storage unavailable"),
