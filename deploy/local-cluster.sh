@@ -63,8 +63,9 @@ trap cleanup EXIT INT TERM
 servers=""
 for i in $(seq 1 "$NODES"); do
     node_port=$((PORT + 100 + i))
+    # behind HAProxy every client arrives from 127.0.0.1: no per-address cap
     "$PY" run.py serve --dev --port "$node_port" --node-id "node$i" --data-dir "$DIR/node$i" \
-        > >(sed -u "s/^/node$i: /") 2>&1 &
+        --max-connections-per-address 0 > >(sed -u "s/^/node$i: /") 2>&1 &
     pids+=($!)  # the node itself (its log goes through sed): `kill -9` it to watch a takeover
     servers="$servers    server node$i 127.0.0.1:$node_port check inter 1s fall 2 rise 1
 "
