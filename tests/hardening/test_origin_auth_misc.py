@@ -155,6 +155,22 @@ async def test_invalid_utf8_text_frame_is_closed_1007(server):
     assert (await server.http.get("/healthz")).status_code == 200
 
 
+async def test_an_unmasked_client_frame_is_closed_1002(server):
+    """A client frame must be masked (RFC 6455 5.1): the server closes with 1002, not a dropped socket."""
+    sock = await open_raw(server.port)
+    await sock.send(upgrade(None, f"127.0.0.1:{server.port}"))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await sock.recv(4096)
+    assert status_of(head) == 101
+    payload = b'{"type":"ping"}'
+    await sock.send(bytes([0x81, len(payload)]) + payload)  # a text frame without a mask
+    data, _ = await read_until_close(sock, timeout=5)
+    assert data[:1] == b"\x88", data  # a close frame...
+    assert int.from_bytes(data[2:4], "big") == 1002, data  # ...with 1002
+    assert (await server.http.get("/healthz")).status_code == 200
+
+
 async def test_health_routes_are_in_openapi(server):
     paths = (await server.http.get("/openapi.json")).json()["paths"]
     for route in ("/healthz", "/readyz", "/metrics"):
