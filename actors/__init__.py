@@ -1,12 +1,15 @@
-"""The actor tree.
+"""The actor tree, and the seams between its actors.
 
-    supervise.Supervisor           one per process: registry of live session actors,
-     │                              connection counts per user; restarts nothing but sessions
-     ├── call_session.CallSession  one per live session: membership, signaling, chat, lifecycle
-     │    ├── billing_timer        one per session: wakes the session when billing is due
-     │    └── backlog pumps        one per catching-up member: the offline queue
-     └── (connections)             connection.run: one per WebSocket, in the listener's nursery
+    supervise.Supervisor           one per process: registry of live session actors (the local
+     │                              session directory); restarts active sessions, then escalates
+     ├── session.SessionActor      one per live session: presence, signaling, chat, lifecycle, billing
+     │    └── billing_timer        one per session: wakes the session when billing is due
+     ├── webhooks.WebhookActor     one per process: sends the outbox
+     └── (connections)             connection.serve: one per WebSocket, in the listener's nursery;
+                                   its writer also streams the offline queue (offline_queue.py)
 
-Actors own their state and are reached only through bounded channels (their
-`Handle`s). See docs/architecture.md for who may wait on whom.
+Actors own their state and talk in plain values (ports.py): sessions reach connections
+through the `Delivery` port (post_office.py in one process, cluster/ across nodes), and
+everybody finds sessions through the `SessionDirectory` port (directory.py). See
+docs/architecture.md for who may wait on whom.
 """

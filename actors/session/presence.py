@@ -13,6 +13,7 @@ from domain import timeline
 from domain.clock import iso
 from domain.errors import Conflict, Forbidden, NotJoined
 from domain.identity import Identity
+from domain.session import ACTIVE
 from protocol import wire
 from protocol.replies import Done, Joined, Left
 from storage import messages as sm
@@ -108,7 +109,7 @@ async def leave(s: SessionActor, message: LeaveSession) -> None:
     now_ms = s.now_ms()
     last_alive_ms = None if message.last_alive_ms is None else s.to_session_ms(message.last_alive_ms)
     at_ms = now_ms if last_alive_ms is None else min(now_ms, last_alive_ms)
-    if not s.members and s.session is not None and s.session.state == "active":
+    if not s.members and s.session is not None and s.session.state == ACTIVE:
         s.orphan_since = trio.current_time()
     if member.typing_shown:
         s.broadcast(wire.event("typing", session=s.session_id, user=conn.user, active=False))

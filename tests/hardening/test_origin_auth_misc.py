@@ -138,36 +138,39 @@ def test_the_process_log_filter_redacts_query_tokens():
     assert record.getMessage() == "GET /ws?token=[redacted]&x=1"
 
 
-async def test_invalid_utf8_text_frame_is_closed_1007(server):
+async def upgraded(server):
+    """A raw socket, upgraded to a WebSocket on /ws (no hello yet)."""
     sock = await open_raw(server.port)
     await sock.send(upgrade(None, f"127.0.0.1:{server.port}"))
     head = b""
     while b"\r\n\r\n" not in head:
         head += await sock.recv(4096)
     assert status_of(head) == 101
+    return sock
+
+
+async def close_code_after(sock, frame: bytes) -> int:
+    """Send one raw frame; the code of the close frame the server answers with."""
+    await sock.send(frame)
+    data, _ = await read_until_close(sock, timeout=5)
+    assert data[:1] == b"\x88", data  # a close frame
+    return int.from_bytes(data[2:4], "big")
+
+
+async def test_invalid_utf8_text_frame_is_closed_1007(server):
+    sock = await upgraded(server)
     payload = b"\xff\xfe"
     mask = b"\x01\x02\x03\x04"
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    await sock.send(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # a masked text frame
-    data, _ = await read_until_close(sock, timeout=5)
-    assert data[:1] == b"\x88", data  # a close frame...
-    assert int.from_bytes(data[2:4], "big") == 1007, data  # ...with 1007
+    assert await close_code_after(sock, bytes([0x81, 0x80 | len(payload)]) + mask + masked) == 1007  # masked text
     assert (await server.http.get("/healthz")).status_code == 200
 
 
 async def test_an_unmasked_client_frame_is_closed_1002(server):
     """A client frame must be masked (RFC 6455 5.1): the server closes with 1002, not a dropped socket."""
-    sock = await open_raw(server.port)
-    await sock.send(upgrade(None, f"127.0.0.1:{server.port}"))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await sock.recv(4096)
-    assert status_of(head) == 101
+    sock = await upgraded(server)
     payload = b'{"type":"ping"}'
-    await sock.send(bytes([0x81, len(payload)]) + payload)  # a text frame without a mask
-    data, _ = await read_until_close(sock, timeout=5)
-    assert data[:1] == b"\x88", data  # a close frame...
-    assert int.from_bytes(data[2:4], "big") == 1002, data  # ...with 1002
+    assert await close_code_after(sock, bytes([0x81, len(payload)]) + payload) == 1002  # no mask
     assert (await server.http.get("/healthz")).status_code == 200
 
 
