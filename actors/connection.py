@@ -368,9 +368,10 @@ class Connection:
                     raise NotJoined("not joined to this session")
                 await self._to_joined(session_id, LeaveSession(conn=me, reason="left", reply=reply), handle)
             case wire.Signal(session=session_id, to=to, kind=kind, payload=payload):
-                await self._to_joined(
-                    session_id, RelaySignal(conn=me, to=to, kind=kind, payload=bytes(payload), reply=reply)
-                )
+                if not self._relay_directly(request):
+                    await self._to_joined(
+                        session_id, RelaySignal(conn=me, to=to, kind=kind, payload=bytes(payload), reply=reply)
+                    )
             case wire.ChatSend(session=session_id, client_id=client_id, body=body):
                 await self._to_joined(session_id, SendChat(
                     caller=caller, conn_id=me.id, client_id=client_id, body=body, reply=reply,
@@ -387,6 +388,24 @@ class Connection:
                 await self._to_any(session_id, Transition(caller=caller, name="end", reply=reply))
             case wire.ChatHistory():
                 await self._history(request)
+
+    def _relay_directly(self, request: wire.Signal) -> bool:
+        """The hot path of signaling: relay by the session's routing snapshot, without a hop
+        through the session actor. Only when the snapshot shows both this connection and the
+        target joined here; anything else (not joined yet, an unknown peer, a peer on another
+        node, a session not serving) goes the slow way, where the session decides and answers."""
+        handle = self.joined.get(request.session)
+        routes = None if handle is None else handle.routes
+        if routes is None:
+            return False
+        me, target = routes.get(self.ref.user), routes.get(request.to)
+        if me is None or me.id != self.ref.id or target is None or target.node is not None:
+            return False
+        frame = wire.signal_event(request.session, self.ref.user, request.kind, bytes(request.payload))
+        self.ctx.post_office.deliver(target, frame)
+        if request.ref is not None:
+            self._put(replies.ok_frame(request.ref, replies.Done()))
+        return True
 
     async def _to_joined(self, session_id: str, message: SessionMessage, handle: SessionHandle | None = None) -> None:
         """Requests of a joined connection: a restarted session has forgotten the join."""

@@ -202,6 +202,13 @@ def event(type_: str, **fields: Any) -> str:
     return encode({"type": type_, **fields})
 
 
+def signal_event(session_id: str, sender: str, kind: str, payload: bytes) -> str:
+    """A relayed `signal`: the payload's JSON goes out as the sender wrote it (already checked)."""
+    return encode({
+        "type": "signal", "session": session_id, "from": sender, "kind": kind, "payload": orjson.Fragment(payload),
+    })
+
+
 def record(value: SessionRecord | ChatMessage | TimelineEntry) -> dict[str, Any]:
     """The JSON object of a stored record, as both edges show it."""
     match value:

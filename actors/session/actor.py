@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -80,13 +81,21 @@ class SessionGone(Exception):
 
 
 class SessionHandle:
-    """The session's id and mailbox: what a directory lookup hands out."""
+    """The session's id and mailbox: what a directory lookup hands out.
 
-    __slots__ = ("session_id", "_mailbox")
+    `routes` is the session's routing snapshot: joined user → its connection, or None
+    when there is none to trust (the actor is not serving, or the session is on another
+    node). Only the session actor sets it, and only ever to a new mapping that nobody
+    mutates afterwards; connections read it to relay `signal` frames without a hop
+    through the session (the session still decides every join and leave).
+    """
+
+    __slots__ = ("session_id", "_mailbox", "routes")
 
     def __init__(self, session_id: str, mailbox: trio.MemorySendChannel[SessionMessage]) -> None:
         self.session_id = session_id
         self._mailbox = mailbox
+        self.routes: Mapping[str, ConnectionRef] | None = None
 
     @property
     def retired(self) -> bool:
@@ -186,6 +195,10 @@ class SessionActor:
     def may_see(self, caller: Identity) -> None:
         presence.check_participant(self, caller)
 
+    def publish_routes(self) -> None:
+        """After every change of `members`: the snapshot connections relay signals by."""
+        self.handle.routes = {user: member.conn for user, member in self.members.items()}
+
     # ------------------------------------------------------------ lifetime
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -202,6 +215,7 @@ class SessionActor:
                     self.session_id, active=self.session is not None and self.session.state == ACTIVE
                 ) from exc
             finally:
+                self.handle.routes = None  # nobody relays through a session that is not serving
                 nursery.cancel_scope.cancel()
                 epoch = self._storage.epoch if self._storage is not None else None
                 if self.ctx.ownership is not None and epoch is not None:
@@ -269,6 +283,7 @@ class SessionActor:
     def _refuse_queued(self, error: ParleyError) -> None:
         """Answer everything taken or queued with `error`, then close the mailbox (no await
         in between, so nothing can slip in after the last look)."""
+        self.handle.routes = None
         while True:
             if self._taken:
                 message = self._taken.popleft()

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import trio
 
 from domain import timeline
@@ -87,6 +86,7 @@ async def join(s: SessionActor, message: JoinSession) -> None:
     if previous is not None:
         s.deliver(previous.conn, wire.event("replaced", session=s.session_id))
     s.members[conn.user] = Member(conn=conn, alive_ms=now_ms)
+    s.publish_routes()
     s.orphan_since = None
     s.reply(message.reply, joined_reply(s))
     # the connection streams the offline queue itself, from storage, before any live message
@@ -106,6 +106,7 @@ async def leave(s: SessionActor, message: LeaveSession) -> None:
             raise NotJoined("not joined to this session")
         return
     del s.members[conn.user]
+    s.publish_routes()
     now_ms = s.now_ms()
     last_alive_ms = None if message.last_alive_ms is None else s.to_session_ms(message.last_alive_ms)
     at_ms = now_ms if last_alive_ms is None else min(now_ms, last_alive_ms)
@@ -159,13 +160,7 @@ def relay_signal(s: SessionActor, message: RelaySignal) -> None:
     target = s.members.get(message.to)
     if target is None:
         raise NotJoined(f"{message.to} is not joined to this session")
-    s.deliver(target.conn, wire.encode({
-        "type": "signal",
-        "session": s.session_id,
-        "from": message.conn.user,
-        "kind": message.kind,
-        "payload": orjson.Fragment(message.payload),
-    }))
+    s.deliver(target.conn, wire.signal_event(s.session_id, message.conn.user, message.kind, message.payload))
     s.reply(message.reply, Done())
 
 

@@ -124,7 +124,7 @@ async def test_signal_while_the_receiver_leaves(autojump_clock, world, seed, how
         assert len(outcomes) == 15
 
 
-async def test_session_crash_mid_signal_is_contained(autojump_clock, world, monkeypatch):
+async def test_session_crash_mid_request_is_contained(autojump_clock, world, monkeypatch):
     async with world() as w:
         crashing, other = await w.create_session(), await w.create_session()
         alice, _, _ = await w.client("alice")
@@ -133,26 +133,26 @@ async def test_session_crash_mid_signal_is_contained(autojump_clock, world, monk
             await alice.request("join", session=session)
             await bob.request("join", session=session)
 
-        original = presence.relay_signal
+        original = presence.typing
         armed = {crashing}
 
         def crash_once(session, message):
             if session.session_id in armed:
                 armed.discard(session.session_id)
-                raise RuntimeError("injected crash in the middle of a signal")
+                raise RuntimeError("injected crash in the middle of a request")
             return original(session, message)
 
-        monkeypatch.setattr(presence, "relay_signal", crash_once)
+        monkeypatch.setattr(presence, "typing", crash_once)
         crashes_before = metrics.SESSION_CRASHES._value.get()
         with pytest.raises(RequestError) as err:
-            await alice.request("signal", session=crashing, to="bob", kind="offer", payload={}, timeout=5)
+            await alice.request("typing", session=crashing, active=True, timeout=5)
         assert err.value.code == "internal"  # the request in flight is answered, not left hanging
         for peer in (alice, bob):
             event = await peer.next_event("error", timeout=5)
             assert (event["code"], event["session"]) == ("internal", crashing)
             assert "ref" not in event
         assert metrics.SESSION_CRASHES._value.get() == crashes_before + 1
-        assert bob.pending_events("signal") == []
+        assert bob.pending_events("typing") == []
 
         # the other session and both connections go on
         await alice.request("signal", session=other, to="bob", kind="offer", payload={"still": "up"})

@@ -169,9 +169,9 @@ async def test_an_active_session_that_crashes_is_restarted_and_still_orphaned(au
                            lambda r: Transition(caller=ADMIN, name="start", reply=r))
         alice, _, _ = await w.client("alice")
         await alice.request("join", session=sid)
-        crash_next_signal(monkeypatch, times=1)
+        crash_next_typing(monkeypatch, times=1)
         with pytest.raises(RequestError):
-            await alice.request("signal", session=sid, to="alice", kind="offer", payload={})
+            await alice.request("typing", session=sid, active=True)
         await trio.testing.wait_all_tasks_blocked()
         assert (await w.supervisor.snapshot()).sessions == (sid,)  # restarted from storage
         await trio.sleep(61)  # nobody joined the new actor: the orphan rule still ends it
@@ -179,11 +179,11 @@ async def test_an_active_session_that_crashes_is_restarted_and_still_orphaned(au
         assert (session.state, session.end_reason) == ("ended", "orphaned")
 
 
-def crash_next_signal(monkeypatch, *, times: int) -> None:
+def crash_next_typing(monkeypatch, *, times: int) -> None:
     from actors.session import presence
 
     left = [times]
-    original = presence.relay_signal
+    original = presence.typing
 
     def crash(session, message):
         if left[0] > 0:
@@ -191,7 +191,7 @@ def crash_next_signal(monkeypatch, *, times: int) -> None:
             raise RuntimeError("injected crash")
         return original(session, message)
 
-    monkeypatch.setattr(presence, "relay_signal", crash)
+    monkeypatch.setattr(presence, "typing", crash)
 
 
 async def test_past_the_restart_intensity_the_supervisor_escalates(autojump_clock, world, monkeypatch):

@@ -27,9 +27,9 @@ async def test_a_call_across_three_nodes(make_node):
         async with n1.client("alice") as alice, n2.client("bob") as bob:
             joined = await alice.request("join", session=sid)
             assert joined["participants"] == ["alice"]
+            started = trio.current_time()  # billing starts after this, when the owner takes bob's join
             await bob.request("join", session=sid)
             assert (await alice.next_event("presence"))["user"] == "bob"
-            started = trio.current_time()
             # signaling, both ways
             await alice.request("signal", session=sid, to="bob", kind="offer", payload={"sdp": "v=0"})
             signal = await bob.next_event("signal")
