@@ -72,6 +72,7 @@ CLOSE_POLICY = 4008
 LEAVE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
+WRITE_BATCH = 64  # plain frames the writer puts in one socket write
 
 
 class Admission(Protocol):
@@ -94,6 +95,13 @@ class ConnectionContext:
     authenticate: Callable[[str], Identity]  # raises Unauthorized
     shutting_down: trio.Event
     admission: Admission | None = None  # cluster mode: the per-user limit across nodes
+
+
+class _FlushUnsent:
+    """Queued when a frame written at once did not fit the socket whole: the writer sends the rest."""
+
+
+FLUSH_UNSENT = _FlushUnsent()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +179,15 @@ class Connection:
         self._scope = trio.CancelScope()
         self._finished: _Finished | None = None
         self._held: collections.deque[ChatFrame | ChatCursor] = collections.deque()  # writer's own
+        # True only while the writer waits on an empty outbox: then a plain frame may be written
+        # by whoever delivers it (no task hop); every item queued in the outbox clears it first
+        self._writer_idle = False
+        self._try_send_nowait: Callable[[str], bool] | None = getattr(ws, "try_send_nowait", None)
 
     def _finish(self, code: int, reason: str, *, dropped: bool = False) -> None:
         """End the connection. The first reason names the close code; if any reason says
         the peer went silent, it leaves at its last-alive instant (never billed past it)."""
+        self._writer_idle = False  # from now on frames only queue (and are dropped with the outbox)
         if self._finished is None:
             self._finished = _Finished(code, reason, dropped)
         elif dropped and not self._finished.dropped:
@@ -193,7 +206,9 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
-        if not self.ctx.post_office.open_box(self.ref, self._outbox_send, on_overrun=self._slow_consumer):
+        if not self.ctx.post_office.open_box(
+            self.ref, self._outbox_send, on_overrun=self._slow_consumer, send_now=self._send_now,
+        ):
             if admission is not None:
                 await admission.leave(self.ref.user)
             metrics.ERRORS.labels("rate_limited").inc()
@@ -240,22 +255,69 @@ class Connection:
         await self.ctx.shutting_down.wait()
         self._finish(CLOSE_GOING_AWAY, "server shutting down")
 
+    def _send_now(self, item: Outgoing) -> bool:
+        """The post office's first look at every item for this connection (sync, never waits).
+        A plain frame is written at once when the writer is idle and the socket takes it, so
+        a relayed signal goes from the sender's task straight to this socket. Anything else
+        is queued for the writer, and the writer is no longer idle from that instant on, so
+        a later frame can never overtake it."""
+        if self._writer_idle and type(item) is str and self._try_send_nowait is not None:
+            if self._try_send_nowait(item):
+                metrics.FRAMES_OUT.inc()
+                if self.ws.has_unsent:  # type: ignore[attr-defined]
+                    self._writer_idle = False  # the writer finishes the frame before anything else
+                    self._outbox_send.send_nowait(FLUSH_UNSENT)
+                return True
+        self._writer_idle = False
+        return False
+
     async def _writer(self) -> None:
         chat = OfflineQueue(self.ctx.storage, self._send, self._send_waiting_frames)
         while True:
-            item = self._held.popleft() if self._held else await self._outbox.receive()
+            if self._held:
+                item = self._held.popleft()
+            else:
+                self._writer_idle = self._outbox.statistics().current_buffer_used == 0
+                item = await self._outbox.receive()
+                self._writer_idle = False
             try:
                 match item:
                     case str():
-                        await self._send(item)
+                        await self._send_plain(item)
                     case ChatFrame():
                         await chat.frame(item)
                     case ChatCursor():
                         await chat.cursor(item)
+                    case _FlushUnsent():
+                        await self._flush_unsent()
             except (StorageUnavailable, trio.TooSlowError) as exc:
                 log.warning("connection %s: offline queue stopped: %s", self.ref.id, exc)
                 self._finish(CLOSE_TRY_AGAIN, "storage unavailable; reconnect")
                 return
+
+    async def _send_plain(self, first: str) -> None:
+        """`first` and the plain frames queued right behind it, in one socket write (the next
+        chat item stops the batch and is handled next: the order is never changed)."""
+        send_many = getattr(self.ws, "send_messages", None)
+        if send_many is None:
+            await self._send(first)
+            return
+        frames = [first]
+        while len(frames) < WRITE_BATCH and not self._held:
+            try:
+                item = self._outbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(item, str):
+                frames.append(item)
+            elif item is not FLUSH_UNSENT:  # (any unsent bytes go out first anyway)
+                self._held.append(item)
+        try:
+            await send_many(frames)
+        except ConnectionClosed:
+            self._finish(CLOSE_NORMAL, "send failed", dropped=True)
+            await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
+        metrics.FRAMES_OUT.inc(len(frames))
 
     async def _send_waiting_frames(self) -> None:
         """While a backlog streams: send the plain frames queued meanwhile; chat waits its turn."""
@@ -266,6 +328,8 @@ class Connection:
                 return
             if isinstance(item, str):
                 await self._send(item)
+            elif item is FLUSH_UNSENT:
+                await self._flush_unsent()
             elif len(self._held) >= self.settings.outbox_frames:  # held chat counts as outbox
                 self._slow_consumer()
                 return
@@ -279,6 +343,13 @@ class Connection:
             self._finish(CLOSE_NORMAL, "send failed", dropped=True)
             await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
         metrics.FRAMES_OUT.inc()
+
+    async def _flush_unsent(self) -> None:
+        try:
+            await self.ws.flush_unsent()  # type: ignore[attr-defined]
+        except ConnectionClosed:
+            self._finish(CLOSE_NORMAL, "send failed", dropped=True)
+            await trio.sleep_forever()
 
     async def _heartbeat(self) -> None:
         """Ping every `heartbeat` seconds; end a connection silent (no frame, no pong) for two.

@@ -37,6 +37,9 @@ log = logging.getLogger("parley.delivery")
 class _Box:
     outbox: trio.MemorySendChannel[Outgoing]
     on_overrun: Callable[[], None]  # the connection's own way to close itself (1008)
+    # the connection's own first look at every item: True when it wrote the item itself,
+    # at once (its writer was idle and the socket took it); False: queue it in the outbox
+    send_now: Callable[[Outgoing], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,13 +59,14 @@ class PostOffice:
     # ------------------------------------------------------------ connections
 
     def open_box(
-        self, conn: ConnectionRef, outbox: trio.MemorySendChannel[Outgoing], *, on_overrun: Callable[[], None]
+        self, conn: ConnectionRef, outbox: trio.MemorySendChannel[Outgoing], *, on_overrun: Callable[[], None],
+        send_now: Callable[[Outgoing], bool] | None = None,
     ) -> bool:
         """Admit a connection (False: its user has too many open) and route to its outbox."""
         if self._per_user[conn.user] >= self._max_per_user:
             return False
         self._per_user[conn.user] += 1
-        self._boxes[conn.id] = _Box(outbox, on_overrun)
+        self._boxes[conn.id] = _Box(outbox, on_overrun, send_now)
         return True
 
     def close_box(self, conn: ConnectionRef) -> None:
@@ -80,6 +84,8 @@ class PostOffice:
         box = self._boxes.get(conn.id)
         if box is None:
             return  # it closed: it leaves its sessions, which stop addressing it
+        if box.send_now is not None and box.send_now(item):
+            return
         try:
             box.outbox.send_nowait(item)
         except trio.WouldBlock:

@@ -24,6 +24,7 @@ without limit):
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import urllib.parse
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState as WSState
-from wsproto.events import CloseConnection, Ping
+from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import Event as WSEvent
 
 from actors import connection
 from domain import audit, metrics
@@ -200,8 +202,11 @@ class _HTTPConnection(TCPServer):
 
 
 class _ServerWebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's server connection, with two changes at its event handlers:
+    """trio-websocket's server connection, with three changes:
 
+    - frames can be written without a task hop (`try_send_nowait`, for whichever task
+      delivers one while nothing else is being written) and several at once
+      (`send_messages`, for the connection's writer);
     - a frame that breaks the protocol (bad framing 1002, invalid UTF-8 text 1007) gets a
       close frame with that code before the TCP connection ends; trio-websocket treats
       wsproto's synthesized close as if the peer had sent it and drops the socket silently;
@@ -209,8 +214,9 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
       over the rate gets no pong, and PING_STRIKES of them in a row close with 4008.
     """
 
-    def __init__(self, *args: Any, ping_rate: float, ping_burst: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, stream: ReplayStream, *args: Any, ping_rate: float, ping_burst: int, **kwargs: Any) -> None:
+        super().__init__(stream, *args, **kwargs)
+        self._fd = stream.socket.fileno()
         self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
         self._ping_strikes = 0
 
@@ -241,6 +247,67 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             await self._close_web_socket(connection.CLOSE_POLICY, reason)
             await self._close_stream()
             raise trio_websocket.ConnectionClosed(self._close_reason)
+
+
+    # ------------------------------------------------------------ sending without a task hop
+
+    _unsent = b""  # bytes of frames accepted by `try_send_nowait` that the socket has not taken yet
+
+    def try_send_nowait(self, message: str) -> bool:
+        """Write one text frame now, from whatever task delivers it, if nothing else is being
+        written: False means "queue it for the writer task" (a send is under way, the socket
+        is not open, or earlier bytes still wait). True means the frame is the socket's or in
+        `_unsent`, which the next `_send` or `flush_unsent` writes first, so frames keep their
+        order. Safe only because every other write goes through `_stream_lock` (`_send`)."""
+        if self._close_reason is not None or self._unsent or self._stream_lock.locked():
+            return False
+        if self._wsproto.state != WSState.OPEN:
+            return False
+        data = self._wsproto.send(TextMessage(data=message))
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            written = 0  # the connection is failing: the next `_send` finds out and closes it
+        if written < len(data):
+            self._unsent = data[written:]
+        return True
+
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
+    async def flush_unsent(self) -> None:
+        """Write what `try_send_nowait` left over (the writer task does, when told)."""
+        async with self._stream_lock:
+            await self._send_locked(b"")
+
+    async def send_messages(self, messages: list[str]) -> None:
+        """Several text frames in one socket write (the writer found more than one waiting)."""
+        if self._close_reason:
+            raise trio_websocket.ConnectionClosed(self._close_reason)
+        data = b"".join(self._wsproto.send(TextMessage(data=message)) for message in messages)
+        async with self._stream_lock:
+            await self._send_locked(data)
+
+    async def _send(self, event: WSEvent) -> None:  # type: ignore[override]
+        """trio-websocket's `_send` (0.12.2), writing `_unsent` bytes first."""
+        data = self._wsproto.send(event)
+        async with self._stream_lock:
+            await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        if not data:
+            return
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort_web_socket()
+            assert self._close_reason is not None
+            raise trio_websocket.ConnectionClosed(self._close_reason) from None
 
 
 async def _wrap_server_stream(

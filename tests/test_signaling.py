@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 import trio
+import trio_websocket
 
 from parley_client import RequestError
 
@@ -79,3 +81,30 @@ async def test_newer_connection_replaces_older(server):
             assert err.value.code == "not_joined"
             await trio.sleep(0.05)
             assert old.pending_events("signal") == []
+
+
+async def test_signals_to_a_reader_that_stalls_arrive_whole_and_in_order(make_server):
+    """Frames are written straight to the target's socket when its writer is idle; once the
+    socket is full the rest queues behind the bytes already accepted. Megabytes of signals
+    to a peer that stops reading arrive intact and in order when it reads again."""
+    server = await make_server(frames_per_second=1000.0, frame_burst=2000, outbox_frames=2000)
+    session = await server.create_session()
+    count, blob = 400, "x" * 30_000  # 12 MB: well past the kernel's socket buffers
+    async with server.client("alice") as alice:
+        await alice.request("join", session=session["id"])
+        async with trio_websocket.open_websocket_url(server.ws_url, message_queue_size=1) as bob:
+            await bob.send_message(orjson.dumps({"type": "hello", "token": server.token("bob")}).decode())
+            assert orjson.loads(await bob.get_message())["type"] == "welcome"
+            await bob.send_message(orjson.dumps({"type": "join", "session": session["id"], "ref": "j"}).decode())
+            assert orjson.loads(await bob.get_message())["ref"] == "j"
+            await alice.next_event("presence")
+            for n in range(count):  # bob reads nothing meanwhile
+                await alice.request("signal", session=session["id"], to="bob", kind="candidate",
+                                    payload={"n": n, "blob": blob})
+            seen = []
+            while len(seen) < count:
+                frame = orjson.loads(await bob.get_message())
+                if frame["type"] == "signal":
+                    assert frame["payload"]["blob"] == blob
+                    seen.append(frame["payload"]["n"])
+            assert seen == list(range(count))
