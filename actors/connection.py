@@ -183,6 +183,7 @@ class Connection:
         # by whoever delivers it (no task hop); every item queued in the outbox clears it first
         self._writer_idle = False
         self._try_send_nowait: Callable[[str], bool] | None = getattr(ws, "try_send_nowait", None)
+        self._chat = OfflineQueue(ctx.storage, self._send, self._send_waiting_frames)  # the writer's
 
     def _finish(self, code: int, reason: str, *, dropped: bool = False) -> None:
         """End the connection. The first reason names the close code; if any reason says
@@ -257,22 +258,34 @@ class Connection:
 
     def _send_now(self, item: Outgoing) -> bool:
         """The post office's first look at every item for this connection (sync, never waits).
-        A plain frame is written at once when the writer is idle and the socket takes it, so
-        a relayed signal goes from the sender's task straight to this socket. Anything else
-        is queued for the writer, and the writer is no longer idle from that instant on, so
-        a later frame can never overtake it."""
-        if self._writer_idle and type(item) is str and self._try_send_nowait is not None:
-            if self._try_send_nowait(item):
-                metrics.FRAMES_OUT.inc()
-                if self.ws.has_unsent:  # type: ignore[attr-defined]
-                    self._writer_idle = False  # the writer finishes the frame before anything else
-                    self._outbox_send.send_nowait(FLUSH_UNSENT)
-                return True
+        When the writer is idle (nothing queued, nothing in hand, so the offline queue's state
+        is settled), a plain frame, or a chat message that is next in `seq`, is written at
+        once, from the delivering task straight to this socket. Anything else is queued for
+        the writer, and the writer is no longer idle from that instant on, so a later frame
+        can never overtake it."""
+        if self._writer_idle and self._try_send_nowait is not None:
+            if type(item) is str:
+                if self._write_now(item):
+                    return True
+            elif type(item) is ChatFrame and self._chat.in_order(item):
+                if item.text is None or self._write_now(item.text):
+                    self._chat.sent(item)
+                    return True
         self._writer_idle = False
         return False
 
+    def _write_now(self, frame: str) -> bool:
+        assert self._try_send_nowait is not None
+        if not self._try_send_nowait(frame):
+            return False
+        metrics.FRAMES_OUT.inc()
+        if self.ws.has_unsent:  # type: ignore[attr-defined]
+            self._writer_idle = False  # the writer finishes the frame before anything else
+            self._outbox_send.send_nowait(FLUSH_UNSENT)
+        return True
+
     async def _writer(self) -> None:
-        chat = OfflineQueue(self.ctx.storage, self._send, self._send_waiting_frames)
+        chat = self._chat
         while True:
             if self._held:
                 item = self._held.popleft()

@@ -45,6 +45,17 @@ class OfflineQueue:
         if cursor.last_seq >= next_seq:
             await self._fill(cursor.session_id, cursor.last_seq)
 
+    def in_order(self, frame: ChatFrame) -> bool:
+        """The frame is the next one this client should see (or the first of its session here):
+        it can go out as it is, with no fill from storage and nothing to drop."""
+        next_seq = self._next.get(frame.session_id)
+        return next_seq is None or frame.seq == next_seq
+
+    def sent(self, frame: ChatFrame) -> None:
+        """An in-order frame went out without `frame` (the connection wrote it at once)."""
+        if frame.session_id in self._next:
+            self._next[frame.session_id] = frame.seq + 1
+
     async def frame(self, frame: ChatFrame) -> None:
         next_seq = self._next.get(frame.session_id)
         if next_seq is not None:
