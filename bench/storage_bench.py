@@ -139,6 +139,7 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
         base = storage.statistics()
         stop_at = trio.current_time() + seconds
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
 
         async with trio.open_nursery() as writers_nursery:
 
@@ -170,6 +171,7 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
             for w in range(writers):
                 writers_nursery.start_soon(writer, w)
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         stats = storage.statistics()
         await storage.aclose()
     if failures:
@@ -178,6 +180,7 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
     batches = stats.batches - base.batches
     return {"batch_bound": batch, "writers": writers, "sessions": sessions, "inserts": count, "errors": 0,
             "seconds": round(elapsed, 2), "inserts_per_s": round(count / elapsed, 1),
+            "cpu_us_per_insert": round(1e6 * cpu / max(1, count), 1),
             "latency_ms": percentiles(latencies), "batches": batches,
             "mean_batch": round((stats.writes - base.writes) / max(1, batches), 1),
             "largest_batch": stats.largest_batch}
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             lat = run["latency_ms"]
             print(f"batch<={batch:5d}: {run['inserts_per_s']:9.0f} inserts/s  mean batch {run['mean_batch']:7.1f}"
+                  f"  cpu {run['cpu_us_per_insert']:6.1f} us/insert"
                   f"  latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms  errors {run['errors']}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:

@@ -4,8 +4,11 @@ Writes queue on a bounded channel (`WRITE_QUEUE`; a full queue makes writers
 wait, under their own deadline: billing and chat are never dropped). One writer
 task takes everything queued — up to `max_batch` requests — runs it as one
 transaction in a worker thread, commits once, and only then answers every
-requester: group commit. Each request runs inside its own savepoint, so one
-refused request (a conflict, a duplicate) does not undo its neighbours.
+requester: group commit. Each run of chat inserts in a batch is stored together
+(`insert_messages`: one numbering update per session, one executemany). When
+anything in the batch is refused (a conflict, a fenced session), the batch is
+rolled back and replayed one request at a time, each inside its own savepoint,
+so one refused request does not undo its neighbours.
 
 Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
@@ -57,27 +60,39 @@ class Backend(Protocol):
     def rollback_to(self, conn: Any) -> None: ...
     def release(self, conn: Any) -> None: ...
     def write(self, conn: Any, request: m.WriteRequest) -> Any: ...
+    def insert_messages(self, conn: Any, requests: Sequence[m.InsertMessage]) -> list[Any]:
+        """`write` of each, in order; raises a `ParleyError` unless it answered all of them."""
+        ...
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
 
 class _Reply:
-    """A one-shot answer: lighter than a memory channel for the hottest path in the server.
-    Set once by the storage actor; a requester that gave up simply never reads it."""
+    """A one-shot answer: lighter than an Event or a memory channel for the hottest path in the
+    server. Set once by the storage actor (in the Trio thread), which wakes the one task waiting
+    for it, if any; a requester that gave up (cancelled, past its deadline) is not woken."""
 
-    __slots__ = ("result", "_done")
+    __slots__ = ("result", "_task")
 
     def __init__(self) -> None:
         self.result: outcome.Outcome | None = None
-        self._done = trio.Event()
+        self._task: trio.lowlevel.Task | None = None
 
     def set(self, result: outcome.Outcome) -> None:
         self.result = result
-        self._done.set()
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     async def wait(self) -> outcome.Outcome:
-        await self._done.wait()
+        if self.result is None:
+            self._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         assert self.result is not None
         return self.result
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +119,11 @@ class StorageHandle:
         self._requests = requests
 
     async def write(self, request: m.Write[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
-        [result] = await self.write_many([request], timeout=timeout)
-        return result.unwrap()
+        reply = _Reply()
+        with trio.CancelScope(deadline=trio.current_time() + timeout):  # as fail_after, for less
+            await self._queue(_Envelope(request, reply))  # type: ignore[arg-type]
+            return (await reply.wait()).unwrap()
+        raise trio.TooSlowError
 
     async def write_many(
         self, requests: Sequence[m.Write[R]], *, timeout: float = DEFAULT_TIMEOUT
@@ -113,17 +131,20 @@ class StorageHandle:
         """Queue every request, then wait for all: they share group commits. Answers in order,
         each an Outcome (one refused request does not fail the others)."""
         replies = [_Reply() for _ in requests]
-        with trio.fail_after(timeout):
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
             for request, reply in zip(requests, replies):
-                envelope = _Envelope(request, reply)  # type: ignore[arg-type]
-                try:
-                    try:
-                        self._requests.send_nowait(envelope)  # no checkpoint: one batch, not many
-                    except trio.WouldBlock:
-                        await self._requests.send(envelope)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise StorageUnavailable("storage is shutting down") from None
+                await self._queue(_Envelope(request, reply))  # type: ignore[arg-type]
             return [await reply.wait() for reply in replies]
+        raise trio.TooSlowError
+
+    async def _queue(self, envelope: _Envelope) -> None:
+        try:
+            try:
+                self._requests.send_nowait(envelope)  # no checkpoint: one batch, not many
+            except trio.WouldBlock:
+                await self._requests.send(envelope)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StorageUnavailable("storage is shutting down") from None
 
     async def read(self, request: m.Read[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
         with trio.fail_after(timeout):
@@ -223,9 +244,11 @@ class StorageActor:
     def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
         """Runs in the writer thread: one transaction for the whole batch.
 
-        Most batches are refused nothing, so they run without savepoints. When a request
-        is refused (a conflict, a duplicate), the transaction is rolled back and the batch
-        is run again with a savepoint around each request, so only that one is undone.
+        Most batches are refused nothing, so they run without savepoints, their chat inserts
+        grouped (`_apply_grouped`). When a request is refused (a conflict, a fenced session,
+        or a message the grouped insert cannot answer itself), the transaction is rolled back
+        and the batch is run again with a savepoint around each request, so only that one is
+        undone.
         """
         backend = self.backend
         try:
@@ -236,7 +259,7 @@ class StorageActor:
             conn = self._writer
             backend.begin(conn)
             try:
-                results: list[outcome.Outcome] = [outcome.Value(backend.write(conn, r)) for r in requests]
+                results = self._apply_grouped(conn, requests)
             except StorageUnavailable:
                 raise
             except ParleyError:
@@ -258,6 +281,22 @@ class StorageActor:
         self._batches += 1
         self._writes += len(requests)
         self._largest_batch = max(self._largest_batch, len(requests))
+        return results
+
+    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+        backend = self.backend
+        results: list[outcome.Outcome] = []
+        i, n = 0, len(requests)
+        while i < n:
+            if type(requests[i]) is m.InsertMessage:
+                j = i + 1
+                while j < n and type(requests[j]) is m.InsertMessage:
+                    j += 1
+                results.extend(map(outcome.Value, backend.insert_messages(conn, requests[i:j])))  # type: ignore[arg-type]
+                i = j
+            else:
+                results.append(outcome.Value(backend.write(conn, requests[i])))
+                i += 1
         return results
 
     def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:

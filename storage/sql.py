@@ -23,7 +23,7 @@ import orjson
 from domain import session as lifecycle
 from domain.billing import amount_minor
 from domain.chat import ChatMessage, Marks
-from domain.errors import Conflict, Fenced, Forbidden, NotFound
+from domain.errors import Conflict, Fenced, Forbidden, NotFound, ParleyError
 from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, TimelineEntry
 
@@ -39,6 +39,14 @@ SESSION_COLUMNS = (
     " created_at, started_at, ended_at, end_reason, metadata, created_by, cursor, owner_node"
 )
 MESSAGE_COLUMNS = "id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted"
+INSERT_MESSAGE = (
+    "INSERT INTO messages (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE) ON CONFLICT (session_id, sender, client_id) DO NOTHING"
+)
+NUMBER_MESSAGES = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq"
+NUMBER_FENCED_MESSAGES = (
+    "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? AND owner_epoch = ? RETURNING last_seq"
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,6 +103,11 @@ def _session_of(request: m.WriteRequest) -> str | None:
     return request.session_id  # type: ignore[union-attr]
 
 
+class Regroup(ParleyError):
+    """`insert_messages` cannot answer its run by itself (a message already stored, a session
+    refused): the storage actor replays the batch one request at a time, which answers it."""
+
+
 def _mapped(method: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[B, P], T]:
     """Run a public backend method inside its driver's error mapping."""
 
@@ -126,7 +139,8 @@ class SqlBackend(WebhookSql):
         """Run one statement; returns a cursor (`fetchone`, `fetchall`)."""
         raise NotImplementedError
 
-    def _executemany(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _executemany(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement for each row; returns how many rows it changed in all."""
         raise NotImplementedError
 
     def _in_transaction(self, conn: Connection) -> bool:
@@ -181,6 +195,67 @@ class SqlBackend(WebhookSql):
         result = self._write(conn, request)
         self._outbox(conn, request, result)  # webhooks: this change's events, in its transaction
         return result
+
+    @_mapped
+    def insert_messages(
+        self, conn: Connection, requests: Sequence[m.InsertMessage]
+    ) -> list[tuple[ChatMessage, bool]]:
+        """A run of chat inserts, answered as `write` answers each of them in turn, in a few
+        statements: per session one `last_seq` bump for all of its messages (which is also its
+        fencing check, and takes the row lock as `_insert_message` does), then one executemany
+        for every row. A `client_id` sent twice in the run is the first one's duplicate.
+
+        Raises (and leaves the transaction to be rolled back) when that is not the whole answer:
+        `Fenced` / `NotFound` for a refused session, `Regroup` for a message already stored or
+        mixed epochs of one session. The storage actor then replays the batch request by request
+        (`write`, each under a savepoint), so only the refused ones are refused."""
+        plan: dict[str, list[Any]] = {}  # session id -> [messages in the run, epoch, next seq]
+        first: dict[tuple[str, str, str], int] = {}  # (session, sender, client_id) -> its first index
+        again: dict[int, int] = {}  # index of a repeat -> index of its first
+        for index, request in enumerate(requests):
+            message = request.message
+            entry = plan.get(message.session_id)
+            if entry is None:
+                entry = plan[message.session_id] = [0, request.epoch, 0]
+            elif entry[1] != request.epoch:
+                raise Regroup(f"writes of session {message.session_id} carry different epochs")
+            seen = first.setdefault((message.session_id, message.sender, message.client_id), index)
+            if seen != index:
+                again[index] = seen
+            else:
+                entry[0] += 1
+        for session_id, entry in plan.items():
+            count, epoch = entry[0], entry[1]
+            if epoch is None:
+                numbered = self._execute(conn, NUMBER_MESSAGES, (count, session_id)).fetchone()
+                if numbered is None:
+                    raise NotFound(f"no session {session_id}")
+            else:
+                numbered = self._execute(conn, NUMBER_FENCED_MESSAGES, (count, session_id, epoch)).fetchone()
+                if numbered is None:
+                    raise Fenced(f"session {session_id} has a newer owner than epoch {epoch}")
+            entry[2] = numbered[0] - count + 1
+        rows: list[tuple[Any, ...]] = []
+        results: list[tuple[ChatMessage, bool]] = []
+        for index, request in enumerate(requests):
+            message = request.message
+            if again and index in again:
+                original = results[again[index]][0]
+                if original.edited_at is not None or original.deleted:  # as the stored row reads
+                    original = dataclasses.replace(original, edited_at=None, deleted=False)
+                results.append((original, True))
+                continue
+            entry = plan[message.session_id]
+            seq = entry[2]
+            entry[2] = seq + 1
+            rows.append((message.id, message.session_id, seq, message.client_id, message.sender, message.body,
+                         message.created_at))
+            results.append((message if message.seq == seq else dataclasses.replace(message, seq=seq), False))
+        if self._executemany(conn, INSERT_MESSAGE, rows) != len(rows):
+            raise Regroup("a message of this run is already stored")
+        for request, result in zip(requests, results):
+            self._outbox(conn, request, result)  # webhooks: none today, but the same rule as `write`
+        return results
 
     def _write(self, conn: Connection, request: m.WriteRequest) -> Any:
         match request:
@@ -366,19 +441,12 @@ class SqlBackend(WebhookSql):
         # until commit, so concurrent writers (other connections, other nodes) queue up behind
         # it and seqs stay gapless, whatever the session actor's idea of the last one (it goes
         # stale after a write that timed out for its caller but committed).
-        numbered = self._execute(
-            conn,
-            "UPDATE sessions SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-            (message.session_id,),
-        ).fetchone()
+        numbered = self._execute(conn, NUMBER_MESSAGES, (1, message.session_id)).fetchone()
         if numbered is None:
             raise NotFound(f"no session {message.session_id}")
         inserted = self._execute(
             conn,
-            "INSERT INTO messages"
-            " (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE)"
-            " ON CONFLICT (session_id, sender, client_id) DO NOTHING RETURNING seq",
+            INSERT_MESSAGE + " RETURNING seq",
             (
                 message.id,
                 message.session_id,

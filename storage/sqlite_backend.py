@@ -81,8 +81,8 @@ class SqliteBackend(SqlBackend):
     def _execute(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
         return conn.execute(sql, params)
 
-    def _executemany(self, conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        conn.executemany(sql, rows)
+    def _executemany(self, conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return conn.executemany(sql, rows).rowcount
 
     def _in_transaction(self, conn: sqlite3.Connection) -> bool:
         return conn.in_transaction
