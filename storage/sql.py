@@ -44,9 +44,9 @@ INSERT_MESSAGE = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE) ON CONFLICT (session_id, sender, client_id) DO NOTHING"
 )
 NUMBER_MESSAGES = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq"
-NUMBER_FENCED_MESSAGES = (
-    "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? AND owner_epoch = ? RETURNING last_seq"
-)
+BUMP_LAST_SEQ = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ?"
+BUMP_FENCED_LAST_SEQ = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? AND owner_epoch = ?"
+LAST_SEQ_CHUNKS = (256, 64, 16, 4, 1)  # ids per `SELECT … IN (…)`: a few statement texts, all cached
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -101,6 +101,11 @@ def _session_of(request: m.WriteRequest) -> str | None:
         case m.InsertMessage(message=message):
             return message.session_id
     return request.session_id  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=None)
+def _last_seq_sql(size: int) -> str:
+    return f"SELECT id, last_seq FROM sessions WHERE id IN ({', '.join('?' * size)})"
 
 
 class Regroup(ParleyError):
@@ -201,9 +206,10 @@ class SqlBackend(WebhookSql):
         self, conn: Connection, requests: Sequence[m.InsertMessage]
     ) -> list[tuple[ChatMessage, bool]]:
         """A run of chat inserts, answered as `write` answers each of them in turn, in a few
-        statements: per session one `last_seq` bump for all of its messages (which is also its
-        fencing check, and takes the row lock as `_insert_message` does), then one executemany
-        for every row. A `client_id` sent twice in the run is the first one's duplicate.
+        statements whatever its length: one executemany bumping each session's `last_seq` once
+        by its count of messages (which is also the session's fencing check, and takes its row
+        lock as `_insert_message` does), the bumped values read back, one executemany storing
+        every row. A `client_id` sent twice in the run is answered as the first one's duplicate.
 
         Raises (and leaves the transaction to be rolled back) when that is not the whole answer:
         `Fenced` / `NotFound` for a refused session, `Regroup` for a message already stored or
@@ -224,17 +230,18 @@ class SqlBackend(WebhookSql):
                 again[index] = seen
             else:
                 entry[0] += 1
-        for session_id, entry in plan.items():
-            count, epoch = entry[0], entry[1]
-            if epoch is None:
-                numbered = self._execute(conn, NUMBER_MESSAGES, (count, session_id)).fetchone()
-                if numbered is None:
-                    raise NotFound(f"no session {session_id}")
-            else:
-                numbered = self._execute(conn, NUMBER_FENCED_MESSAGES, (count, session_id, epoch)).fetchone()
-                if numbered is None:
-                    raise Fenced(f"session {session_id} has a newer owner than epoch {epoch}")
-            entry[2] = numbered[0] - count + 1
+        # One bump per session (in id order, so two writers lock rows in the same order), then
+        # the bumped values read back: the run's first seq of a session is last_seq - count + 1.
+        ordered = sorted(plan)
+        plain = [(plan[sid][0], sid) for sid in ordered if plan[sid][1] is None]
+        fenced = [(plan[sid][0], sid, plan[sid][1]) for sid in ordered if plan[sid][1] is not None]
+        if plain and self._executemany(conn, BUMP_LAST_SEQ, plain) != len(plain):
+            raise Regroup("a session of this run is unknown")
+        if fenced and self._executemany(conn, BUMP_FENCED_LAST_SEQ, fenced) != len(fenced):
+            raise Regroup("a session of this run has a newer owner")
+        for session_id, last_seq in self._last_seqs(conn, ordered):
+            entry = plan[session_id]
+            entry[2] = last_seq - entry[0] + 1
         rows: list[tuple[Any, ...]] = []
         results: list[tuple[ChatMessage, bool]] = []
         for index, request in enumerate(requests):
@@ -256,6 +263,17 @@ class SqlBackend(WebhookSql):
         for request, result in zip(requests, results):
             self._outbox(conn, request, result)  # webhooks: none today, but the same rule as `write`
         return results
+
+    def _last_seqs(self, conn: Connection, session_ids: list[str]) -> list[Row]:
+        rows: list[Row] = []
+        start = 0
+        while start < len(session_ids):
+            left = len(session_ids) - start
+            size = next(c for c in LAST_SEQ_CHUNKS if c <= left)
+            chunk = session_ids[start:start + size]
+            rows.extend(self._execute(conn, _last_seq_sql(size), chunk).fetchall())
+            start += size
+        return rows
 
     def _write(self, conn: Connection, request: m.WriteRequest) -> Any:
         match request:
