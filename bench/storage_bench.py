@@ -149,7 +149,7 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
                 while count < inserts and trio.current_time() < stop_at:
                     message = ChatMessage(  # as actors/session/chat.py: _candidate
                         id=uuid.uuid4().hex, session_id=session.id, seq=acked[session.id] + 1,
-                        client_id=uuid.uuid4().hex, sender=session.payer, body=BODY, created_at=now_ms(),
+                        client_id=f"c{acked[session.id] + 1}", sender=session.payer, body=BODY, created_at=now_ms(),
                     )
                     start = time.perf_counter()
                     [result] = await storage.write_many([sm.InsertMessage(message=message)], timeout=WRITE_TIMEOUT)
