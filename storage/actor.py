@@ -66,14 +66,16 @@ class Backend(Protocol):
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
 
-class _Reply:
-    """A one-shot answer: lighter than an Event or a memory channel for the hottest path in the
-    server. Set once by the storage actor (in the Trio thread), which wakes the one task waiting
-    for it, if any; a requester that gave up (cancelled, past its deadline) is not woken."""
+class _Pending:
+    """One queued write and its one-shot answer: lighter than an Event or a memory channel for
+    the hottest path in the server. Answered once by the storage actor (in the Trio thread),
+    which wakes the one task waiting for it, if any; a requester that gave up (cancelled, past
+    its deadline) is not woken."""
 
-    __slots__ = ("result", "_task")
+    __slots__ = ("request", "result", "_task")
 
-    def __init__(self) -> None:
+    def __init__(self, request: m.WriteRequest) -> None:
+        self.request = request
         self.result: outcome.Outcome | None = None
         self._task: trio.lowlevel.Task | None = None
 
@@ -95,12 +97,6 @@ class _Reply:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
-@dataclass(frozen=True, slots=True)
-class _Envelope:
-    request: m.WriteRequest
-    reply: _Reply
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageStatistics:
     batches: int
@@ -114,15 +110,15 @@ class StorageStatistics:
 class StorageHandle:
     """What other actors hold: `write`, `read` and readiness. Safe to share between tasks."""
 
-    def __init__(self, actor: StorageActor, requests: trio.MemorySendChannel[_Envelope]) -> None:
+    def __init__(self, actor: StorageActor, requests: trio.MemorySendChannel[_Pending]) -> None:
         self._actor = actor
         self._requests = requests
 
     async def write(self, request: m.Write[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
-        reply = _Reply()
+        pending = _Pending(request)  # type: ignore[arg-type]
         with trio.CancelScope(deadline=trio.current_time() + timeout):  # as fail_after, for less
-            await self._queue(_Envelope(request, reply))  # type: ignore[arg-type]
-            return (await reply.wait()).unwrap()
+            await self._queue(pending)
+            return (await pending.wait()).unwrap()
         raise trio.TooSlowError
 
     async def write_many(
@@ -130,19 +126,19 @@ class StorageHandle:
     ) -> list[outcome.Outcome[R]]:
         """Queue every request, then wait for all: they share group commits. Answers in order,
         each an Outcome (one refused request does not fail the others)."""
-        replies = [_Reply() for _ in requests]
+        writes = [_Pending(request) for request in requests]  # type: ignore[arg-type]
         with trio.CancelScope(deadline=trio.current_time() + timeout):
-            for request, reply in zip(requests, replies):
-                await self._queue(_Envelope(request, reply))  # type: ignore[arg-type]
-            return [await reply.wait() for reply in replies]
+            for pending in writes:
+                await self._queue(pending)
+            return [await pending.wait() for pending in writes]
         raise trio.TooSlowError
 
-    async def _queue(self, envelope: _Envelope) -> None:
+    async def _queue(self, pending: _Pending) -> None:
         try:
             try:
-                self._requests.send_nowait(envelope)  # no checkpoint: one batch, not many
+                self._requests.send_nowait(pending)  # no checkpoint: one batch, not many
             except trio.WouldBlock:
-                await self._requests.send(envelope)
+                await self._requests.send(pending)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StorageUnavailable("storage is shutting down") from None
 
@@ -189,7 +185,7 @@ class StorageActor:
         self._writes = 0
         self._largest_batch = 0
         self._failed_batches = 0
-        self._receive: trio.MemoryReceiveChannel[_Envelope] | None = None
+        self._receive: trio.MemoryReceiveChannel[_Pending] | None = None
 
     def statistics(self) -> StorageStatistics:
         queued = self._receive.statistics().current_buffer_used if self._receive else 0
@@ -203,7 +199,7 @@ class StorageActor:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[StorageHandle] = trio.TASK_STATUS_IGNORED) -> None:
-        send, receive = trio.open_memory_channel[_Envelope](WRITE_QUEUE)
+        send, receive = trio.open_memory_channel[_Pending](WRITE_QUEUE)
         self._receive = receive
         self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
         if self.inline:
@@ -228,7 +224,7 @@ class StorageActor:
             lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
         )
 
-    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Envelope]) -> None:
+    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Pending]) -> None:
         async for first in receive:
             batch = [first]
             while len(batch) < self.max_batch:
@@ -236,10 +232,10 @@ class StorageActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            results = await self._in_writer_thread(self._apply_batch, [e.request for e in batch])
+            results = await self._in_writer_thread(self._apply_batch, [p.request for p in batch])
             metrics.STORAGE_BATCH.observe(len(batch))
-            for envelope, result in zip(batch, results):
-                envelope.reply.set(result)  # a requester past its deadline never reads it
+            for pending, result in zip(batch, results):
+                pending.set(result)  # a requester past its deadline is not woken
 
     def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
         """Runs in the writer thread: one transaction for the whole batch.
