@@ -211,10 +211,11 @@ class SqlBackend(WebhookSql):
         lock as `_insert_message` does), the bumped values read back, one executemany storing
         every row. A `client_id` sent twice in the run is answered as the first one's duplicate.
 
-        Raises (and leaves the transaction to be rolled back) when that is not the whole answer:
-        `Fenced` / `NotFound` for a refused session, `Regroup` for a message already stored or
-        mixed epochs of one session. The storage actor then replays the batch request by request
-        (`write`, each under a savepoint), so only the refused ones are refused."""
+        Raises `Regroup` (and leaves the transaction to be rolled back) when that is not the
+        whole answer: an unknown or fenced session, a message already stored, one session's
+        writes with different epochs; or `Internal` when the database refuses a row. The storage
+        actor then replays the batch request by request (`write`, each under a savepoint), which
+        refuses only the refused ones, each with its own error (`Fenced`, `NotFound`, ...)."""
         plan: dict[str, list[Any]] = {}  # session id -> [messages in the run, epoch, next seq]
         first: dict[tuple[str, str, str], int] = {}  # (session, sender, client_id) -> its first index
         again: dict[int, int] = {}  # index of a repeat -> index of its first
