@@ -2,10 +2,18 @@
 """Storage-only benchmark: chat inserts through the storage actor's group commit, no sockets.
 
 In one process: `storage.actor.StorageActor` over `storage.sqlite_backend.SqliteBackend`
-(WAL, `synchronous=FULL`, a fresh database file per run) and --writers concurrent Trio
-tasks, each inserting messages one after another (`InsertMessage`, awaiting each write's
-reply: the ack point of `chat.send`). Every batch bound given is run in turn; each run
-stops after --seconds or --inserts, whichever comes first.
+(WAL, `synchronous=FULL`, a fresh database file per run). First --sessions sessions are
+created the way `POST /api/sessions` creates them (`CreateSession` with its `created`
+timeline entry). Then --writers concurrent Trio tasks, each the one sender of one session
+(its payer), insert messages one after another exactly as `chat.send` stores them
+(`write_many([InsertMessage(message)])` with a fresh id and client_id, awaiting the reply:
+the ack point). Every batch bound given is run in turn; each run stops after --seconds or
+--inserts, whichever comes first.
+
+Every answer is checked (the session's next `seq`, not a duplicate), and after each run
+the database is read back: each session holds exactly the messages acked to it, numbered
+1..n without a gap. Any refused write or mismatch stops the bench with a message and exit
+status 1 (and `"fatal"` in the --json result), never a quiet 0.
 
 The floor is SQLite itself: single-row INSERT + COMMIT, FULL, WAL, same disk, same run.
 
@@ -24,6 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
+import outcome
 import trio
 
 BENCH = Path(__file__).resolve().parent
@@ -33,12 +42,19 @@ sys.path.insert(0, str(BENCH))
 from common import percentiles  # noqa: E402
 
 from domain.chat import ChatMessage  # noqa: E402
+from domain.session import SessionRecord  # noqa: E402
+from domain.timeline import CREATED, TimelineEntry  # noqa: E402
 from storage import messages as sm  # noqa: E402
 from storage.actor import StorageActor  # noqa: E402
 from storage.sqlite_backend import SqliteBackend  # noqa: E402
 
 BODY = "x" * 120
 WRITE_TIMEOUT = 60.0
+ADMIN = "bench-admin"
+
+
+class BenchFailed(Exception):
+    """A write was refused or the stored chat does not match what was acked."""
 
 
 def sqlite_floor(directory: Path, seconds: float, rows: int) -> dict:
@@ -61,46 +77,112 @@ def sqlite_floor(directory: Path, seconds: float, rows: int) -> dict:
     return {"commits": done, "commits_per_s": round(done / elapsed, 1)}
 
 
-async def actor_run(directory: Path, batch: int, writers: int, seconds: float, inserts: int) -> dict:
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def create_sessions(storage, count: int) -> list[SessionRecord]:
+    """As `gateway/app.py: create_session` does, one `CreateSession` per session."""
+    records = []
+    for i in range(count):
+        at = now_ms()
+        records.append(SessionRecord(
+            id=uuid.uuid4().hex, payer=f"p{i:05d}", provider=f"v{i:05d}", rate_per_minute=100,
+            currency="EUR", created_at=at, created_by=ADMIN,
+        ))
+    requests = [
+        sm.CreateSession(session=r, idempotency_key=None, timeline=TimelineEntry(
+            session_id=r.id, at=r.created_at, kind=CREATED, actor=ADMIN,
+            detail={"rate_per_minute": r.rate_per_minute, "currency": r.currency}))
+        for r in records
+    ]
+    for start in range(0, len(requests), 256):
+        for result in await storage.write_many(requests[start:start + 256], timeout=WRITE_TIMEOUT):
+            stored, replayed = result.unwrap()
+            if replayed:
+                raise BenchFailed(f"session {stored.id} created twice")
+    return records
+
+
+def verify(path: Path, acked: dict[str, int]) -> None:
+    """Every session holds exactly its acked messages, seq 1..n, nothing else."""
+    conn = sqlite3.connect(path)
+    try:
+        stored = {
+            sid: (n, lo, hi, last)
+            for sid, n, lo, hi, last in conn.execute(
+                "SELECT s.id, COUNT(m.id), MIN(m.seq), MAX(m.seq), s.last_seq FROM sessions s"
+                " LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.id"
+            )
+        }
+    finally:
+        conn.close()
+    for sid, count in acked.items():
+        n, lo, hi, last = stored.get(sid, (0, None, None, 0))
+        if n != count or last != count or (count and (lo != 1 or hi != count)):
+            raise BenchFailed(
+                f"session {sid}: acked {count} messages, stored {n} (seq {lo}..{hi}, last_seq {last})"
+            )
+
+
+async def actor_run(directory: Path, batch: int, writers: int, sessions: int, seconds: float,
+                    inserts: int) -> dict:
     path = directory / f"actor-{batch}.sqlite3"
     actor = StorageActor(SqliteBackend(path, synchronous="FULL"), max_batch=batch)
     latencies: list[float] = []
     count = 0
-    errors = 0
+    failures: list[str] = []
     async with trio.open_nursery() as nursery:
         storage = await nursery.start(actor.run)
+        records = await create_sessions(storage, sessions)
+        acked = {r.id: 0 for r in records}
+        base = storage.statistics()
         stop_at = trio.current_time() + seconds
         t0 = time.perf_counter()
-
-        async def writer(w: int) -> None:
-            nonlocal count, errors
-            seq = 0
-            session = f"s{w:05d}"
-            while count < inserts and trio.current_time() < stop_at:
-                seq += 1
-                message = ChatMessage(
-                    id=uuid.uuid4().hex, session_id=session, seq=seq, client_id=f"c{seq}",
-                    sender="u" + session, body=BODY, created_at=int(time.time() * 1000),
-                )
-                start = time.perf_counter()
-                try:
-                    await storage.write(sm.InsertMessage(message=message), timeout=WRITE_TIMEOUT)
-                except Exception:  # noqa: BLE001 - counted, reported
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - start)
-                count += 1
+        cpu0 = time.process_time()
 
         async with trio.open_nursery() as writers_nursery:
+
+            async def writer(w: int) -> None:
+                nonlocal count
+                session = records[w % len(records)]
+                while count < inserts and trio.current_time() < stop_at:
+                    message = ChatMessage(  # as actors/session/chat.py: _candidate
+                        id=uuid.uuid4().hex, session_id=session.id, seq=acked[session.id] + 1,
+                        client_id=f"c{acked[session.id] + 1}", sender=session.payer, body=BODY, created_at=now_ms(),
+                    )
+                    start = time.perf_counter()
+                    [result] = await storage.write_many([sm.InsertMessage(message=message)], timeout=WRITE_TIMEOUT)
+                    elapsed = time.perf_counter() - start
+                    if isinstance(result, outcome.Error):
+                        failures.append(f"insert into session {session.id} refused: {result.error!r}")
+                        writers_nursery.cancel_scope.cancel()
+                        return
+                    stored, duplicate = result.unwrap()
+                    acked[session.id] += 1
+                    if duplicate or stored.seq != acked[session.id] or stored.id != message.id:
+                        failures.append(f"session {session.id}: expected new seq {acked[session.id]},"
+                                        f" got seq {stored.seq} duplicate={duplicate}")
+                        writers_nursery.cancel_scope.cancel()
+                        return
+                    latencies.append(elapsed)
+                    count += 1
+
             for w in range(writers):
                 writers_nursery.start_soon(writer, w)
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
         stats = storage.statistics()
         await storage.aclose()
-    return {"batch_bound": batch, "writers": writers, "inserts": count, "errors": errors,
+    if failures:
+        raise BenchFailed(f"batch bound {batch}: {len(failures)} failed writes, first: {failures[0]}")
+    verify(path, acked)
+    batches = stats.batches - base.batches
+    return {"batch_bound": batch, "writers": writers, "sessions": sessions, "inserts": count, "errors": 0,
             "seconds": round(elapsed, 2), "inserts_per_s": round(count / elapsed, 1),
-            "latency_ms": percentiles(latencies), "batches": stats.batches,
-            "mean_batch": round(stats.writes / max(1, stats.batches), 1),
+            "cpu_us_per_insert": round(1e6 * cpu / max(1, count), 1),
+            "latency_ms": percentiles(latencies), "batches": batches,
+            "mean_batch": round((stats.writes - base.writes) / max(1, batches), 1),
             "largest_batch": stats.largest_batch}
 
 
@@ -108,29 +190,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64,256,1024", help="batch bounds to try, comma-separated")
     ap.add_argument("--writers", type=int, default=1024, help="concurrent inserting tasks")
+    ap.add_argument("--sessions", type=int, default=0,
+                    help="sessions the writers share, round robin (default: one per writer)")
     ap.add_argument("--seconds", type=float, default=6.0, help="time bound of each run")
     ap.add_argument("--inserts", type=int, default=200_000, help="count bound of each run")
     ap.add_argument("--floor-seconds", type=float, default=3.0)
     ap.add_argument("--dir", help="where the database files go (default: a temp dir on the data disk)")
     ap.add_argument("--json", help="write the result here")
     args = ap.parse_args(argv)
+    if args.sessions and args.sessions < args.writers:
+        ap.error("--sessions below --writers: two writers of one session would race for its seq")
+    sessions = args.sessions or args.writers
     base = Path(args.dir) if args.dir else None
+    result: dict = {"cpus": os.cpu_count()}
+    status = 0
     with tempfile.TemporaryDirectory(prefix="parley-storage-bench-", dir=base) as tmp:
         directory = Path(tmp)
         floor = sqlite_floor(directory, args.floor_seconds, 1_000_000)
+        result["floor"] = floor
         print(f"sqlite single-row FULL commits: {floor['commits_per_s']}/s", flush=True)
-        runs = []
+        runs: list[dict] = result.setdefault("runs", [])
         for batch in [int(b) for b in args.batches.split(",") if b]:
-            run = trio.run(actor_run, directory, batch, args.writers, args.seconds, args.inserts)
+            try:
+                run = trio.run(actor_run, directory, batch, args.writers, sessions, args.seconds, args.inserts)
+            except BenchFailed as exc:
+                result["fatal"] = str(exc)
+                print(f"FAILED: {exc}", file=sys.stderr, flush=True)
+                status = 1
+                break
             runs.append(run)
             lat = run["latency_ms"]
             print(f"batch<={batch:5d}: {run['inserts_per_s']:9.0f} inserts/s  mean batch {run['mean_batch']:7.1f}"
+                  f"  cpu {run['cpu_us_per_insert']:6.1f} us/insert"
                   f"  latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms  errors {run['errors']}", flush=True)
-    result = {"floor": floor, "runs": runs, "cpus": os.cpu_count()}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ Writes queue on a bounded channel (`WRITE_QUEUE`; a full queue makes writers
 wait, under their own deadline: billing and chat are never dropped). One writer
 task takes everything queued — up to `max_batch` requests — runs it as one
 transaction in a worker thread, commits once, and only then answers every
-requester: group commit. Each request runs inside its own savepoint, so one
-refused request (a conflict, a duplicate) does not undo its neighbours.
+requester: group commit. Each run of chat inserts in a batch is stored together
+(`insert_messages`: one numbering update per session, one executemany). When
+anything in the batch is refused (a conflict, a fenced session), the batch is
+rolled back and replayed one request at a time, each inside its own savepoint,
+so one refused request does not undo its neighbours.
 
 Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
@@ -57,33 +60,41 @@ class Backend(Protocol):
     def rollback_to(self, conn: Any) -> None: ...
     def release(self, conn: Any) -> None: ...
     def write(self, conn: Any, request: m.WriteRequest) -> Any: ...
+    def insert_messages(self, conn: Any, requests: Sequence[m.InsertMessage]) -> list[Any]:
+        """`write` of each, in order; raises a `ParleyError` unless it answered all of them."""
+        ...
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
 
-class _Reply:
-    """A one-shot answer: lighter than a memory channel for the hottest path in the server.
-    Set once by the storage actor; a requester that gave up simply never reads it."""
+class _Pending:
+    """One queued write and its one-shot answer: lighter than an Event or a memory channel for
+    the hottest path in the server. Answered once by the storage actor (in the Trio thread),
+    which wakes the one task waiting for it, if any; a requester that gave up (cancelled, past
+    its deadline) is not woken."""
 
-    __slots__ = ("result", "_done")
+    __slots__ = ("request", "result", "_task")
 
-    def __init__(self) -> None:
+    def __init__(self, request: m.WriteRequest) -> None:
+        self.request = request
         self.result: outcome.Outcome | None = None
-        self._done = trio.Event()
+        self._task: trio.lowlevel.Task | None = None
 
     def set(self, result: outcome.Outcome) -> None:
         self.result = result
-        self._done.set()
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     async def wait(self) -> outcome.Outcome:
-        await self._done.wait()
+        if self.result is None:
+            self._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         assert self.result is not None
         return self.result
 
-
-@dataclass(frozen=True, slots=True)
-class _Envelope:
-    request: m.WriteRequest
-    reply: _Reply
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,31 +110,37 @@ class StorageStatistics:
 class StorageHandle:
     """What other actors hold: `write`, `read` and readiness. Safe to share between tasks."""
 
-    def __init__(self, actor: StorageActor, requests: trio.MemorySendChannel[_Envelope]) -> None:
+    def __init__(self, actor: StorageActor, requests: trio.MemorySendChannel[_Pending]) -> None:
         self._actor = actor
         self._requests = requests
 
     async def write(self, request: m.Write[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
-        [result] = await self.write_many([request], timeout=timeout)
-        return result.unwrap()
+        pending = _Pending(request)  # type: ignore[arg-type]
+        with trio.CancelScope(deadline=trio.current_time() + timeout):  # as fail_after, for less
+            await self._queue(pending)
+            return (await pending.wait()).unwrap()
+        raise trio.TooSlowError
 
     async def write_many(
         self, requests: Sequence[m.Write[R]], *, timeout: float = DEFAULT_TIMEOUT
     ) -> list[outcome.Outcome[R]]:
         """Queue every request, then wait for all: they share group commits. Answers in order,
         each an Outcome (one refused request does not fail the others)."""
-        replies = [_Reply() for _ in requests]
-        with trio.fail_after(timeout):
-            for request, reply in zip(requests, replies):
-                envelope = _Envelope(request, reply)  # type: ignore[arg-type]
-                try:
-                    try:
-                        self._requests.send_nowait(envelope)  # no checkpoint: one batch, not many
-                    except trio.WouldBlock:
-                        await self._requests.send(envelope)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise StorageUnavailable("storage is shutting down") from None
-            return [await reply.wait() for reply in replies]
+        writes = [_Pending(request) for request in requests]  # type: ignore[arg-type]
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            for pending in writes:
+                await self._queue(pending)
+            return [await pending.wait() for pending in writes]
+        raise trio.TooSlowError
+
+    async def _queue(self, pending: _Pending) -> None:
+        try:
+            try:
+                self._requests.send_nowait(pending)  # no checkpoint: one batch, not many
+            except trio.WouldBlock:
+                await self._requests.send(pending)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StorageUnavailable("storage is shutting down") from None
 
     async def read(self, request: m.Read[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
         with trio.fail_after(timeout):
@@ -168,7 +185,7 @@ class StorageActor:
         self._writes = 0
         self._largest_batch = 0
         self._failed_batches = 0
-        self._receive: trio.MemoryReceiveChannel[_Envelope] | None = None
+        self._receive: trio.MemoryReceiveChannel[_Pending] | None = None
 
     def statistics(self) -> StorageStatistics:
         queued = self._receive.statistics().current_buffer_used if self._receive else 0
@@ -182,7 +199,7 @@ class StorageActor:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[StorageHandle] = trio.TASK_STATUS_IGNORED) -> None:
-        send, receive = trio.open_memory_channel[_Envelope](WRITE_QUEUE)
+        send, receive = trio.open_memory_channel[_Pending](WRITE_QUEUE)
         self._receive = receive
         self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
         if self.inline:
@@ -207,7 +224,7 @@ class StorageActor:
             lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
         )
 
-    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Envelope]) -> None:
+    async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Pending]) -> None:
         async for first in receive:
             batch = [first]
             while len(batch) < self.max_batch:
@@ -215,17 +232,19 @@ class StorageActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            results = await self._in_writer_thread(self._apply_batch, [e.request for e in batch])
+            results = await self._in_writer_thread(self._apply_batch, [p.request for p in batch])
             metrics.STORAGE_BATCH.observe(len(batch))
-            for envelope, result in zip(batch, results):
-                envelope.reply.set(result)  # a requester past its deadline never reads it
+            for pending, result in zip(batch, results):
+                pending.set(result)  # a requester past its deadline is not woken
 
     def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
         """Runs in the writer thread: one transaction for the whole batch.
 
-        Most batches are refused nothing, so they run without savepoints. When a request
-        is refused (a conflict, a duplicate), the transaction is rolled back and the batch
-        is run again with a savepoint around each request, so only that one is undone.
+        Most batches are refused nothing, so they run without savepoints, their chat inserts
+        grouped (`_apply_grouped`). When a request is refused (a conflict, a fenced session,
+        or a message the grouped insert cannot answer itself), the transaction is rolled back
+        and the batch is run again with a savepoint around each request, so only that one is
+        undone.
         """
         backend = self.backend
         try:
@@ -236,7 +255,7 @@ class StorageActor:
             conn = self._writer
             backend.begin(conn)
             try:
-                results: list[outcome.Outcome] = [outcome.Value(backend.write(conn, r)) for r in requests]
+                results = self._apply_grouped(conn, requests)
             except StorageUnavailable:
                 raise
             except ParleyError:
@@ -258,6 +277,22 @@ class StorageActor:
         self._batches += 1
         self._writes += len(requests)
         self._largest_batch = max(self._largest_batch, len(requests))
+        return results
+
+    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+        backend = self.backend
+        results: list[outcome.Outcome] = []
+        i, n = 0, len(requests)
+        while i < n:
+            if type(requests[i]) is m.InsertMessage:
+                j = i + 1
+                while j < n and type(requests[j]) is m.InsertMessage:
+                    j += 1
+                results.extend(map(outcome.Value, backend.insert_messages(conn, requests[i:j])))  # type: ignore[arg-type]
+                i = j
+            else:
+                results.append(outcome.Value(backend.write(conn, requests[i])))
+                i += 1
         return results
 
     def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:

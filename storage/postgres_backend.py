@@ -100,9 +100,12 @@ class PostgresBackend(SqlBackend):
     def _execute(self, conn: psycopg.Connection, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor:
         return conn.execute(_placeholders(sql), params or None)
 
-    def _executemany(self, conn: psycopg.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _executemany(self, conn: psycopg.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        if not rows:
+            return 0
         with conn.cursor() as cursor:
             cursor.executemany(_placeholders(sql), rows)
+            return cursor.rowcount
 
     def _in_transaction(self, conn: psycopg.Connection) -> bool:
         status = conn.info.transaction_status

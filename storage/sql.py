@@ -23,7 +23,7 @@ import orjson
 from domain import session as lifecycle
 from domain.billing import amount_minor
 from domain.chat import ChatMessage, Marks
-from domain.errors import Conflict, Fenced, Forbidden, NotFound
+from domain.errors import Conflict, Fenced, Forbidden, NotFound, ParleyError
 from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, TimelineEntry
 
@@ -39,6 +39,14 @@ SESSION_COLUMNS = (
     " created_at, started_at, ended_at, end_reason, metadata, created_by, cursor, owner_node"
 )
 MESSAGE_COLUMNS = "id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted"
+INSERT_MESSAGE = (
+    "INSERT INTO messages (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE) ON CONFLICT (session_id, sender, client_id) DO NOTHING"
+)
+NUMBER_MESSAGES = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? RETURNING last_seq"
+BUMP_LAST_SEQ = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ?"
+BUMP_FENCED_LAST_SEQ = "UPDATE sessions SET last_seq = last_seq + ? WHERE id = ? AND owner_epoch = ?"
+LAST_SEQ_CHUNKS = (256, 64, 16, 4, 1)  # ids per `SELECT … IN (…)`: a few statement texts, all cached
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,6 +103,16 @@ def _session_of(request: m.WriteRequest) -> str | None:
     return request.session_id  # type: ignore[union-attr]
 
 
+@functools.lru_cache(maxsize=None)
+def _last_seq_sql(size: int) -> str:
+    return f"SELECT id, last_seq FROM sessions WHERE id IN ({', '.join('?' * size)})"
+
+
+class Regroup(ParleyError):
+    """`insert_messages` cannot answer its run by itself (a message already stored, a session
+    refused): the storage actor replays the batch one request at a time, which answers it."""
+
+
 def _mapped(method: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[B, P], T]:
     """Run a public backend method inside its driver's error mapping."""
 
@@ -126,7 +144,8 @@ class SqlBackend(WebhookSql):
         """Run one statement; returns a cursor (`fetchone`, `fetchall`)."""
         raise NotImplementedError
 
-    def _executemany(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _executemany(self, conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement for each row; returns how many rows it changed in all."""
         raise NotImplementedError
 
     def _in_transaction(self, conn: Connection) -> bool:
@@ -181,6 +200,81 @@ class SqlBackend(WebhookSql):
         result = self._write(conn, request)
         self._outbox(conn, request, result)  # webhooks: this change's events, in its transaction
         return result
+
+    @_mapped
+    def insert_messages(
+        self, conn: Connection, requests: Sequence[m.InsertMessage]
+    ) -> list[tuple[ChatMessage, bool]]:
+        """A run of chat inserts, answered as `write` answers each of them in turn, in a few
+        statements whatever its length: one executemany bumping each session's `last_seq` once
+        by its count of messages (which is also the session's fencing check, and takes its row
+        lock as `_insert_message` does), the bumped values read back, one executemany storing
+        every row. A `client_id` sent twice in the run is answered as the first one's duplicate.
+
+        Raises `Regroup` (and leaves the transaction to be rolled back) when that is not the
+        whole answer: an unknown or fenced session, a message already stored, one session's
+        writes with different epochs; or `Internal` when the database refuses a row. The storage
+        actor then replays the batch request by request (`write`, each under a savepoint), which
+        refuses only the refused ones, each with its own error (`Fenced`, `NotFound`, ...)."""
+        plan: dict[str, list[Any]] = {}  # session id -> [messages in the run, epoch, next seq]
+        first: dict[tuple[str, str, str], int] = {}  # (session, sender, client_id) -> its first index
+        again: dict[int, int] = {}  # index of a repeat -> index of its first
+        for index, request in enumerate(requests):
+            message = request.message
+            entry = plan.get(message.session_id)
+            if entry is None:
+                entry = plan[message.session_id] = [0, request.epoch, 0]
+            elif entry[1] != request.epoch:
+                raise Regroup(f"writes of session {message.session_id} carry different epochs")
+            seen = first.setdefault((message.session_id, message.sender, message.client_id), index)
+            if seen != index:
+                again[index] = seen
+            else:
+                entry[0] += 1
+        # One bump per session (in id order, so two writers lock rows in the same order), then
+        # the bumped values read back: the run's first seq of a session is last_seq - count + 1.
+        ordered = sorted(plan)
+        plain = [(plan[sid][0], sid) for sid in ordered if plan[sid][1] is None]
+        fenced = [(plan[sid][0], sid, plan[sid][1]) for sid in ordered if plan[sid][1] is not None]
+        if plain and self._executemany(conn, BUMP_LAST_SEQ, plain) != len(plain):
+            raise Regroup("a session of this run is unknown")
+        if fenced and self._executemany(conn, BUMP_FENCED_LAST_SEQ, fenced) != len(fenced):
+            raise Regroup("a session of this run has a newer owner")
+        for session_id, last_seq in self._last_seqs(conn, ordered):
+            entry = plan[session_id]
+            entry[2] = last_seq - entry[0] + 1
+        rows: list[tuple[Any, ...]] = []
+        results: list[tuple[ChatMessage, bool]] = []
+        for index, request in enumerate(requests):
+            message = request.message
+            if again and index in again:
+                original = results[again[index]][0]
+                if original.edited_at is not None or original.deleted:  # as the stored row reads
+                    original = dataclasses.replace(original, edited_at=None, deleted=False)
+                results.append((original, True))
+                continue
+            entry = plan[message.session_id]
+            seq = entry[2]
+            entry[2] = seq + 1
+            rows.append((message.id, message.session_id, seq, message.client_id, message.sender, message.body,
+                         message.created_at))
+            results.append((message if message.seq == seq else dataclasses.replace(message, seq=seq), False))
+        if self._executemany(conn, INSERT_MESSAGE, rows) != len(rows):
+            raise Regroup("a message of this run is already stored")
+        for request, result in zip(requests, results):
+            self._outbox(conn, request, result)  # webhooks: none today, but the same rule as `write`
+        return results
+
+    def _last_seqs(self, conn: Connection, session_ids: list[str]) -> list[Row]:
+        rows: list[Row] = []
+        start = 0
+        while start < len(session_ids):
+            left = len(session_ids) - start
+            size = next(c for c in LAST_SEQ_CHUNKS if c <= left)
+            chunk = session_ids[start:start + size]
+            rows.extend(self._execute(conn, _last_seq_sql(size), chunk).fetchall())
+            start += size
+        return rows
 
     def _write(self, conn: Connection, request: m.WriteRequest) -> Any:
         match request:
@@ -366,19 +460,12 @@ class SqlBackend(WebhookSql):
         # until commit, so concurrent writers (other connections, other nodes) queue up behind
         # it and seqs stay gapless, whatever the session actor's idea of the last one (it goes
         # stale after a write that timed out for its caller but committed).
-        numbered = self._execute(
-            conn,
-            "UPDATE sessions SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-            (message.session_id,),
-        ).fetchone()
+        numbered = self._execute(conn, NUMBER_MESSAGES, (1, message.session_id)).fetchone()
         if numbered is None:
             raise NotFound(f"no session {message.session_id}")
         inserted = self._execute(
             conn,
-            "INSERT INTO messages"
-            " (id, session_id, seq, client_id, sender, body, created_at, edited_at, deleted)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, FALSE)"
-            " ON CONFLICT (session_id, sender, client_id) DO NOTHING RETURNING seq",
+            INSERT_MESSAGE + " RETURNING seq",
             (
                 message.id,
                 message.session_id,

@@ -97,7 +97,7 @@ class WebhookSql:
     """Mixed into `SqlBackend`: uses its `_execute`, `_executemany`, `_get_session`, `_get_billing`."""
 
     _execute: Callable[..., Any]
-    _executemany: Callable[..., None]
+    _executemany: Callable[..., int]
     _get_session: Callable[..., SessionRecord]
     _get_billing: Callable[..., m.BillingState | None]
 
