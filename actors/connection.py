@@ -9,9 +9,11 @@ Tasks, all in the connection's own nursery (whichever ends it ends them all):
   without waiting; a full outbox makes this a slow consumer, closed with 1008,
   never buffered. The writer also streams each joined session's offline queue
   from storage and keeps chat gapless by `seq` (actors/offline_queue.py);
-- the heartbeat pings every `heartbeat` seconds, closes a connection that has
-  sent neither a frame nor a pong for two intervals, and tells the sessions it
-  joined when it was last known alive (billing never checkpoints past that).
+- no task of its own for liveness: the process's heartbeat wheel (actors/heartbeat.py)
+  pings it when it has been silent for a `heartbeat` interval, closes it (4008) when
+  it has sent neither a frame nor a pong for two, and has it tell the sessions it
+  joined when it was last known alive (billing never checkpoints past that); every
+  pong reports at once. The wheel is also what a graceful shutdown walks (1001).
 
 When it ends, for any reason, it tells every session it joined that its user
 left, with the last instant it was known alive, so billing stops there.
@@ -40,6 +42,7 @@ from storage.actor import StorageHandle
 
 from .clock import WallClock
 from .directory import SessionDirectory, send_to_session
+from .heartbeat import Beat, HeartbeatWheel
 from .offline_queue import OfflineQueue
 from .ports import ChatCursor, ChatFrame, ConnectionRef, Outgoing, ToConnection
 from .post_office import PostOffice
@@ -74,6 +77,15 @@ CLOSE_TIMEOUT = 2.0
 RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is closed
 
 
+class LiveSocket(Protocol):
+    """What liveness needs of the server WebSocket besides trio-websocket's API
+    (gateway/listener.py `_ServerWebSocket`)."""
+
+    on_pong: Callable[[], None] | None
+
+    def ping_nowait(self) -> None: ...
+
+
 class Admission(Protocol):
     """Cluster mode: connections per user counted across nodes (actors/cluster/admission.py)."""
 
@@ -93,6 +105,7 @@ class ConnectionContext:
     clock: WallClock
     authenticate: Callable[[str], Identity]  # raises Unauthorized
     shutting_down: trio.Event
+    heartbeat: HeartbeatWheel  # run by the process; connections register while they run
     admission: Admission | None = None  # cluster mode: the per-user limit across nodes
 
 
@@ -155,6 +168,11 @@ async def _hello(
 
 
 class Connection:
+    __slots__ = (
+        "ws", "ref", "ctx", "settings", "caller", "_outbox_send", "_outbox", "joined", "last_alive",
+        "_reported_alive", "_beat", "_bucket", "_strikes", "_scope", "_finished", "_held",
+    )
+
     def __init__(self, ws: WebSocketConnection, ref: ConnectionRef, ctx: ConnectionContext) -> None:
         self.ws = ws
         self.ref = ref
@@ -163,7 +181,9 @@ class Connection:
         self.caller = ref.identity
         self._outbox_send, self._outbox = trio.open_memory_channel[Outgoing](ctx.settings.outbox_frames)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
-        self.last_alive = trio.current_time()
+        self.last_alive = trio.current_time()  # its last frame or pong (the reader and `_pong` set it)
+        self._reported_alive = self.last_alive  # what the joined sessions last heard
+        self._beat: Beat | None = None  # its entry in the heartbeat wheel, while it runs
         self._bucket = TokenBucket(
             rate=ctx.settings.frames_per_second, burst=ctx.settings.frame_burst, now=trio.current_time()
         )
@@ -199,18 +219,23 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
+        live: LiveSocket = self.ws  # type: ignore[assignment]
+        live.on_pong = self._pong
+        self._beat = self.ctx.heartbeat.register(self)
+        if self.ctx.shutting_down.is_set():  # it came in after the wheel's shutdown walk
+            self.going_away()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._watch_shutdown)
                     await self._reader()
                     nursery.cancel_scope.cancel()
         except* Exception:
             log.exception("connection %s of %s crashed", self.ref.id, self.ref.user)
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
+            self.ctx.heartbeat.unregister(self._beat)
+            live.on_pong = None
             self.ctx.post_office.close_box(self.ref)
             if admission is not None:
                 await admission.leave(self.ref.user)  # shielded, bounded
@@ -235,10 +260,6 @@ class Connection:
                     await handle.send(message)
                 except SessionGone:
                     pass
-
-    async def _watch_shutdown(self) -> None:
-        await self.ctx.shutting_down.wait()
-        self._finish(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _writer(self) -> None:
         chat = OfflineQueue(self.ctx.storage, self._send, self._send_waiting_frames)
@@ -280,28 +301,31 @@ class Connection:
             await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
         metrics.FRAMES_OUT.inc()
 
-    async def _heartbeat(self) -> None:
-        """Ping every `heartbeat` seconds; end a connection silent (no frame, no pong) for two.
-        After each pong, the sessions it joined hear when it was last known alive."""
-        interval = self.settings.heartbeat
-        while True:
-            with trio.move_on_at(self.last_alive + 2 * interval):
-                await trio.sleep(interval)
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return  # the reader sees the close and ends the connection
-                self.last_alive = trio.current_time()
-                self._report_alive()
-                continue
-            if trio.current_time() >= self.last_alive + 2 * interval:  # frames may have come
-                self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)
-                return
+    # ------------------------------------------------------------ liveness (the wheel calls these)
 
-    def _report_alive(self) -> None:
-        notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
-        for handle in self.joined.values():
-            handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
+    def ping(self) -> None:
+        live: LiveSocket = self.ws  # type: ignore[assignment]
+        live.ping_nowait()
+
+    def _pong(self) -> None:
+        self.last_alive = trio.current_time()
+        self.report_alive()
+
+    def report_alive(self) -> None:
+        """The sessions it joined hear its last frame or pong, once per instant."""
+        if self.last_alive == self._reported_alive:
+            return
+        self._reported_alive = self.last_alive
+        if self.joined:
+            notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
+            for handle in self.joined.values():
+                handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
+
+    def heartbeat_timeout(self) -> None:
+        self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)
+
+    def going_away(self) -> None:
+        self._finish(CLOSE_GOING_AWAY, "server shutting down")
 
     # ------------------------------------------------------------ reading
 

@@ -24,8 +24,10 @@ without limit):
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState as WSState
-from wsproto.events import CloseConnection, Ping
+from wsproto.events import CloseConnection, Ping, Pong
+from wsproto.events import Event as WSEvent
 
 from actors import connection
 from domain import audit, metrics
@@ -200,19 +203,91 @@ class _HTTPConnection(TCPServer):
 
 
 class _ServerWebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's server connection, with two changes at its event handlers:
+    """trio-websocket's server connection, with these changes:
 
     - a frame that breaks the protocol (bad framing 1002, invalid UTF-8 text 1007) gets a
       close frame with that code before the TCP connection ends; trio-websocket treats
       wsproto's synthesized close as if the peer had sent it and drops the socket silently;
     - client ping frames are rate limited by the same token bucket as data frames: a ping
-      over the rate gets no pong, and PING_STRIKES of them in a row close with 4008.
+      over the rate gets no pong, and PING_STRIKES of them in a row close with 4008;
+    - liveness without a waiting task (actors/heartbeat.py): every pong calls `on_pong`
+      (trio-websocket's `ping()` parks a task on an Event until it comes), and
+      `ping_nowait` sends a ping without ever waiting, see there.
     """
 
-    def __init__(self, *args: Any, ping_rate: float, ping_burst: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, nursery: trio.Nursery, ping_rate: float, ping_burst: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
         self._ping_strikes = 0
+        self._nursery = nursery  # this connection's own (it runs `_reader_task`)
+        self._unsent = b""  # ping frames waiting for the stream: written before anything else
+        self._flushing = False
+        self.on_pong: Callable[[], None] | None = None
+
+    def ping_nowait(self) -> None:
+        """Send a ping frame without waiting (the heartbeat wheel must never wait on one socket).
+
+        trio-websocket serializes writes with `_stream_lock`, and bytes written around it
+        would land inside another frame. So: if nobody holds the lock, the frame (6 bytes)
+        goes straight to the socket with one non-blocking `send`; whatever part of it the
+        socket does not take, or all of it if a writer holds the lock, waits in `_unsent`,
+        which the lock's holder writes before releasing it (`_send`) or, if nobody holds
+        it, a flush task in this connection's nursery. The frame is serialized once, by
+        wsproto, here; it carries no payload (any pong counts as alive).
+        """
+        if self._close_reason is not None or self._wsproto.state != WSState.OPEN:
+            return
+        data = self._wsproto.send(Ping())
+        if self._unsent or self._stream_lock.locked():
+            self._unsent += data
+        else:
+            sent = 0
+            sock = getattr(self._stream, "socket", None)  # a ReplayStream; tests use memory streams
+            if sock is not None:
+                try:
+                    sent = os.write(sock.fileno(), data)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # the connection is broken: its reader sees that and ends it
+            if sent == len(data):
+                return
+            self._unsent = data[sent:]
+        if not self._flushing and not self._stream_lock.locked():
+            self._flushing = True
+            self._nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            await self._send_unsent(b"")
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            self._flushing = False
+
+    async def _send(self, event: WSEvent) -> None:
+        await self._send_unsent(self._wsproto.send(event))
+
+    async def _send_unsent(self, data: bytes) -> None:
+        """trio-websocket's `_send`, writing waiting ping frames first (and any added meanwhile)."""
+        async with self._stream_lock:
+            try:
+                while self._unsent or data:
+                    data, self._unsent = self._unsent + data, b""
+                    await self._stream.send_all(data)
+                    data = b""
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                assert self._close_reason is not None
+                raise trio_websocket.ConnectionClosed(self._close_reason) from None
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_pong is not None:
+            self.on_pong()
+        if self._pings:  # somebody awaits `ping()`
+            await super()._handle_pong_event(event)
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == WSState.OPEN:  # not the peer's close: wsproto refused a frame
@@ -249,7 +324,7 @@ async def _wrap_server_stream(
     """`trio_websocket.wrap_server_stream` (0.12.2), with `_ServerWebSocket`."""
     ws = _ServerWebSocket(
         stream, WSConnection(ConnectionType.SERVER), message_queue_size=WS_QUEUE,
-        max_message_size=max_message_size, ping_rate=ping_rate, ping_burst=ping_burst,
+        max_message_size=max_message_size, nursery=nursery, ping_rate=ping_rate, ping_burst=ping_burst,
     )
     nursery.start_soon(ws._reader_task)
     return await ws._get_request()
