@@ -61,6 +61,7 @@ HTTP_CLOSE_TIMEOUT = 2.0
 REFUSE_TIMEOUT = 1.0
 FD_RESERVE = 64  # open files kept free of connections: SQLite, its WAL, logs, listening sockets
 WS_QUEUE = 4  # frames trio-websocket reads ahead before TCP pushes back
+PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, no payload (what wsproto makes of `Ping()`)
 PING_STRIKES = 100  # client pings over the rate in a row before the connection is closed (4008)
 
 
@@ -234,12 +235,13 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         goes straight to the socket with one non-blocking `send`; whatever part of it the
         socket does not take, or all of it if a writer holds the lock, waits in `_unsent`,
         which the lock's holder writes before releasing it (`_send`) or, if nobody holds
-        it, a flush task in this connection's nursery. The frame is serialized once, by
-        wsproto, here; it carries no payload (any pong counts as alive).
+        it, a flush task in this connection's nursery. The frame carries no payload (any
+        pong counts as alive) and is always the same two bytes: a server's frames are not
+        masked, and wsproto keeps no state for a ping it sends.
         """
         if self._close_reason is not None or self._wsproto.state != WSState.OPEN:
             return
-        data = self._wsproto.send(Ping())
+        data = PING_FRAME
         if self._unsent or self._stream_lock.locked():
             self._unsent += data
         else:

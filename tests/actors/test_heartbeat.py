@@ -224,3 +224,13 @@ async def test_a_ping_the_socket_takes_only_part_of_is_finished_by_a_flush_task(
             seen += [type(e) for e in client.events()]
     assert seen == [Ping, wsproto.events.TextMessage]
     assert not ws._unsent
+
+
+def test_the_ping_frame_is_what_wsproto_makes_of_a_ping():
+    from gateway.listener import PING_FRAME
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(_handshake(client))
+    next(server.events())
+    client.receive_data(server.send(wsproto.events.AcceptConnection()))
+    assert server.send(Ping()) == PING_FRAME
