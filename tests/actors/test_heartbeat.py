@@ -188,7 +188,7 @@ async def test_a_ping_on_an_idle_socket_is_written_at_once(nursery):
     client.receive_data(await client_stream.receive_some(65536))
     list(client.events())
     ws.ping_nowait()
-    assert not ws._unsent and not ws._flushing  # no task, no waiting: one non-blocking send
+    assert not ws._unsent  # no task, no waiting: one non-blocking send
     client.receive_data(await client_stream.receive_some(65536))
     assert [type(e) for e in client.events()] == [Ping]
 
@@ -215,7 +215,7 @@ async def test_a_ping_the_socket_takes_only_part_of_is_finished_by_a_flush_task(
 
     monkeypatch.setattr(listener, "os", PartialOs)
     ws.ping_nowait()
-    assert ws._unsent and ws._flushing
+    assert ws._unsent
     await ws.send_message("after")
     with trio.fail_after(5):
         seen: list[type] = []
@@ -234,3 +234,14 @@ def test_the_ping_frame_is_what_wsproto_makes_of_a_ping():
     next(server.events())
     client.receive_data(server.send(wsproto.events.AcceptConnection()))
     assert server.send(Ping()) == PING_FRAME
+
+
+async def test_the_server_websocket_keeps_a_shared_key_instance_dict(nursery):
+    """CPython shares an instance dict's keys up to 30 attributes; one more and every
+    connection's dict costs ~1.3 KiB more (bench/README.md, performance pass 2)."""
+    server_stream, _ = trio.testing.memory_stream_pair()
+    from gateway.listener import _ServerWebSocket
+
+    ws = _ServerWebSocket(server_stream, WSConnection(ConnectionType.SERVER), nursery=nursery,
+                          ping_rate=5.0, ping_burst=20)
+    assert len(ws.__dict__) < 30
