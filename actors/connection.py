@@ -9,9 +9,11 @@ Tasks, all in the connection's own nursery (whichever ends it ends them all):
   without waiting; a full outbox makes this a slow consumer, closed with 1008,
   never buffered. The writer also streams each joined session's offline queue
   from storage and keeps chat gapless by `seq` (actors/offline_queue.py);
-- the heartbeat pings every `heartbeat` seconds, closes a connection that has
-  sent neither a frame nor a pong for two intervals, and tells the sessions it
-  joined when it was last known alive (billing never checkpoints past that).
+- no task of its own for liveness: the process's heartbeat wheel (actors/heartbeat.py)
+  pings it when it has been silent for a `heartbeat` interval, closes it (4008) when
+  it has sent neither a frame nor a pong for two, and has it tell the sessions it
+  joined when it was last known alive (billing never checkpoints past that); every
+  pong reports at once. The wheel is also what a graceful shutdown walks (1001).
 
 When it ends, for any reason, it tells every session it joined that its user
 left, with the last instant it was known alive, so billing stops there.
@@ -40,6 +42,7 @@ from storage.actor import StorageHandle
 
 from .clock import WallClock
 from .directory import SessionDirectory, send_to_session
+from .heartbeat import Beat, HeartbeatWheel
 from .offline_queue import OfflineQueue
 from .ports import ChatCursor, ChatFrame, ConnectionRef, Outgoing, ToConnection
 from .post_office import PostOffice
@@ -75,6 +78,15 @@ RATE_LIMIT_STRIKES = 100  # rejected frames in a row before the connection is cl
 WRITE_BATCH = 64  # plain frames the writer puts in one socket write
 
 
+class LiveSocket(Protocol):
+    """What liveness needs of the server WebSocket besides trio-websocket's API
+    (gateway/listener.py `_ServerWebSocket`)."""
+
+    on_pong: Callable[[], None] | None
+
+    def ping_nowait(self) -> None: ...
+
+
 class Admission(Protocol):
     """Cluster mode: connections per user counted across nodes (actors/cluster/admission.py)."""
 
@@ -94,14 +106,8 @@ class ConnectionContext:
     clock: WallClock
     authenticate: Callable[[str], Identity]  # raises Unauthorized
     shutting_down: trio.Event
+    heartbeat: HeartbeatWheel  # run by the process; connections register while they run
     admission: Admission | None = None  # cluster mode: the per-user limit across nodes
-
-
-class _FlushUnsent:
-    """Queued when a frame written at once did not fit the socket whole: the writer sends the rest."""
-
-
-FLUSH_UNSENT = _FlushUnsent()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +169,12 @@ async def _hello(
 
 
 class Connection:
+    __slots__ = (
+        "ws", "ref", "ctx", "settings", "caller", "_outbox_send", "_outbox", "joined", "last_alive",
+        "_reported_alive", "_beat", "_bucket", "_strikes", "_scope", "_finished", "_held",
+        "_writer_idle", "_try_send_nowait", "_chat",
+    )
+
     def __init__(self, ws: WebSocketConnection, ref: ConnectionRef, ctx: ConnectionContext) -> None:
         self.ws = ws
         self.ref = ref
@@ -171,7 +183,9 @@ class Connection:
         self.caller = ref.identity
         self._outbox_send, self._outbox = trio.open_memory_channel[Outgoing](ctx.settings.outbox_frames)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
-        self.last_alive = trio.current_time()
+        self.last_alive = trio.current_time()  # its last frame or pong (the reader and `_pong` set it)
+        self._reported_alive = self.last_alive  # what the joined sessions last heard
+        self._beat: Beat | None = None  # its entry in the heartbeat wheel, while it runs
         self._bucket = TokenBucket(
             rate=ctx.settings.frames_per_second, burst=ctx.settings.frame_burst, now=trio.current_time()
         )
@@ -215,18 +229,23 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
+        live: LiveSocket = self.ws  # type: ignore[assignment]
+        live.on_pong = self._pong
+        self._beat = self.ctx.heartbeat.register(self)
+        if self.ctx.shutting_down.is_set():  # it came in after the wheel's shutdown walk
+            self.going_away()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._watch_shutdown)
                     await self._reader()
                     nursery.cancel_scope.cancel()
         except* Exception:
             log.exception("connection %s of %s crashed", self.ref.id, self.ref.user)
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
+            self.ctx.heartbeat.unregister(self._beat)
+            live.on_pong = None
             self.ctx.post_office.close_box(self.ref)
             if admission is not None:
                 await admission.leave(self.ref.user)  # shielded, bounded
@@ -252,10 +271,6 @@ class Connection:
                 except SessionGone:
                     pass
 
-    async def _watch_shutdown(self) -> None:
-        await self.ctx.shutting_down.wait()
-        self._finish(CLOSE_GOING_AWAY, "server shutting down")
-
     def _send_now(self, item: Outgoing) -> bool:
         """The post office's first look at every item for this connection (sync, never waits).
         When the writer is idle (nothing queued, nothing in hand, so the offline queue's state
@@ -279,9 +294,6 @@ class Connection:
         if not self._try_send_nowait(frame):
             return False
         metrics.FRAMES_OUT.inc()
-        if self.ws.has_unsent:  # type: ignore[attr-defined]
-            self._writer_idle = False  # the writer finishes the frame before anything else
-            self._outbox_send.send_nowait(FLUSH_UNSENT)
         return True
 
     async def _writer(self) -> None:
@@ -301,8 +313,6 @@ class Connection:
                         await chat.frame(item)
                     case ChatCursor():
                         await chat.cursor(item)
-                    case _FlushUnsent():
-                        await self._flush_unsent()
             except (StorageUnavailable, trio.TooSlowError) as exc:
                 log.warning("connection %s: offline queue stopped: %s", self.ref.id, exc)
                 self._finish(CLOSE_TRY_AGAIN, "storage unavailable; reconnect")
@@ -323,7 +333,7 @@ class Connection:
                 break
             if isinstance(item, str):
                 frames.append(item)
-            elif item is not FLUSH_UNSENT:  # (any unsent bytes go out first anyway)
+            else:
                 self._held.append(item)
         try:
             await send_many(frames)
@@ -341,8 +351,6 @@ class Connection:
                 return
             if isinstance(item, str):
                 await self._send(item)
-            elif item is FLUSH_UNSENT:
-                await self._flush_unsent()
             elif len(self._held) >= self.settings.outbox_frames:  # held chat counts as outbox
                 self._slow_consumer()
                 return
@@ -357,35 +365,31 @@ class Connection:
             await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
         metrics.FRAMES_OUT.inc()
 
-    async def _flush_unsent(self) -> None:
-        try:
-            await self.ws.flush_unsent()  # type: ignore[attr-defined]
-        except ConnectionClosed:
-            self._finish(CLOSE_NORMAL, "send failed", dropped=True)
-            await trio.sleep_forever()
+    # ------------------------------------------------------------ liveness (the wheel calls these)
 
-    async def _heartbeat(self) -> None:
-        """Ping every `heartbeat` seconds; end a connection silent (no frame, no pong) for two.
-        After each pong, the sessions it joined hear when it was last known alive."""
-        interval = self.settings.heartbeat
-        while True:
-            with trio.move_on_at(self.last_alive + 2 * interval):
-                await trio.sleep(interval)
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return  # the reader sees the close and ends the connection
-                self.last_alive = trio.current_time()
-                self._report_alive()
-                continue
-            if trio.current_time() >= self.last_alive + 2 * interval:  # frames may have come
-                self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)
-                return
+    def ping(self) -> None:
+        live: LiveSocket = self.ws  # type: ignore[assignment]
+        live.ping_nowait()
 
-    def _report_alive(self) -> None:
-        notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
-        for handle in self.joined.values():
-            handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
+    def _pong(self) -> None:
+        self.last_alive = trio.current_time()
+        self.report_alive()
+
+    def report_alive(self) -> None:
+        """The sessions it joined hear its last frame or pong, once per instant."""
+        if self.last_alive == self._reported_alive:
+            return
+        self._reported_alive = self.last_alive
+        if self.joined:
+            notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
+            for handle in self.joined.values():
+                handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
+
+    def heartbeat_timeout(self) -> None:
+        self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)
+
+    def going_away(self) -> None:
+        self._finish(CLOSE_GOING_AWAY, "server shutting down")
 
     # ------------------------------------------------------------ reading
 

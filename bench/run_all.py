@@ -102,7 +102,7 @@ def relaybench(url: str, pid: int, label: str, out: Path, log: Path, *, pairs: i
 
 
 def loadgen(mode: str, url: str, pid: int, plan: dict, work: Path, log: Path, *, duration: float,
-            warmup: float, raw: bool = False, extra: tuple[str, ...] = ()) -> dict:
+            warmup: float, raw: bool = False, extra: tuple[str, ...] = (), setup_s: float = 120.0) -> dict:
     tag = f"{mode}-{'floor' if raw else 'parley'}"
     plan_path, out = work / f"{tag}-plan.json", work / f"{tag}.json"
     plan_path.write_text(json.dumps(plan))
@@ -111,7 +111,7 @@ def loadgen(mode: str, url: str, pid: int, plan: dict, work: Path, log: Path, *,
             "--json", str(out), *extra]
     if raw:
         argv.append("--raw")
-    return run_client(argv, out, duration + warmup + 120, log)
+    return run_client(argv, out, duration + warmup + setup_s, log)
 
 
 def tokens_for(users: list[str]) -> dict[str, str]:
@@ -296,8 +296,9 @@ def scenario_idle(args, work: Path, log: Path, shared: dict) -> list[Row]:
             [{"payer": f"i{2 * k:05d}", "provider": f"i{2 * k + 1:05d}"} for k in range(n // 2)])
         plan = {"users": tokens_for(users), "conns": [[u, ids[i // 2]] for i, u in enumerate(users)]}
         assert all(pair_of(u) == keys[i // 2] for i, u in enumerate(users))
+        # hello + join for every connection: on a busy machine that can take minutes
         p = loadgen("idle", f"ws://{HOST}:{parley.port}", parley.pid, plan, work, log,
-                    duration=args.idle_hold, warmup=args.warmup)
+                    duration=args.idle_hold, warmup=args.warmup, setup_s=120 + n / 10)
         notes_tail = problems(parley)
     finally:
         parley.stop()

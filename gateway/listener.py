@@ -27,6 +27,7 @@ import logging
 import os
 import resource
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState as WSState
-from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 from wsproto.events import Event as WSEvent
 
 from actors import connection
@@ -60,6 +61,7 @@ HTTP_CLOSE_TIMEOUT = 2.0
 REFUSE_TIMEOUT = 1.0
 FD_RESERVE = 64  # open files kept free of connections: SQLite, its WAL, logs, listening sockets
 WS_QUEUE = 4  # frames trio-websocket reads ahead before TCP pushes back
+PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, no payload (what wsproto makes of `Ping()`)
 PING_STRIKES = 100  # client pings over the rate in a row before the connection is closed (4008)
 
 
@@ -202,23 +204,92 @@ class _HTTPConnection(TCPServer):
 
 
 class _ServerWebSocket(trio_websocket.WebSocketConnection):
-    """trio-websocket's server connection, with three changes:
+    """trio-websocket's server connection, with these changes:
 
-    - frames can be written without a task hop (`try_send_nowait`, for whichever task
+    - text frames can be written without a task hop (`try_send_nowait`, for whichever task
       delivers one while nothing else is being written) and several at once
-      (`send_messages`, for the connection's writer);
+      (`send_messages`, for the connection's writer); what the socket did not take waits
+      in `_unsent`, which every write sends first;
     - a frame that breaks the protocol (bad framing 1002, invalid UTF-8 text 1007) gets a
       close frame with that code before the TCP connection ends; trio-websocket treats
       wsproto's synthesized close as if the peer had sent it and drops the socket silently;
     - client ping frames are rate limited by the same token bucket as data frames: a ping
-      over the rate gets no pong, and PING_STRIKES of them in a row close with 4008.
+      over the rate gets no pong, and PING_STRIKES of them in a row close with 4008;
+    - liveness without a waiting task (actors/heartbeat.py): every pong calls `on_pong`
+      (trio-websocket's `ping()` parks a task on an Event until it comes), and
+      `ping_nowait` sends a ping without ever waiting, see there.
     """
 
-    def __init__(self, stream: ReplayStream, *args: Any, ping_rate: float, ping_burst: int, **kwargs: Any) -> None:
-        super().__init__(stream, *args, **kwargs)
-        self._fd = stream.socket.fileno()
+    def __init__(
+        self, *args: Any, nursery: trio.Nursery, ping_rate: float, ping_burst: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
         self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
         self._ping_strikes = 0
+        self._nursery = nursery  # this connection's own (it runs `_reader_task`)
+        self._unsent = b""  # ping or frame bytes waiting for the stream: written before anything else
+        self.on_pong: Callable[[], None] | None = None
+        # (no more attributes: past 29 the instance dict loses key sharing, +1.3 KiB a connection)
+
+    def ping_nowait(self) -> None:
+        """Send a ping frame without waiting (the heartbeat wheel must never wait on one socket).
+
+        trio-websocket serializes writes with `_stream_lock`, and bytes written around it
+        would land inside another frame. So: if nobody holds the lock, the frame (2 bytes)
+        goes straight to the socket with one non-blocking `send`; whatever part of it the
+        socket does not take, or all of it if a writer holds the lock, waits in `_unsent`,
+        which the lock's holder writes before releasing it (`_send`) or, if nobody holds
+        it, a flush task in this connection's nursery. The frame carries no payload (any
+        pong counts as alive) and is always the same two bytes: a server's frames are not
+        masked, and wsproto keeps no state for a ping it sends.
+        """
+        if self._close_reason is not None or self._wsproto.state != WSState.OPEN:
+            return
+        data = PING_FRAME
+        if self._unsent or self._stream_lock.locked():
+            self._unsent += data  # whoever holds or next takes the lock writes it
+        else:
+            sent = 0
+            sock = getattr(self._stream, "socket", None)  # a ReplayStream; tests use memory streams
+            if sock is not None:
+                try:
+                    sent = os.write(sock.fileno(), data)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # the connection is broken: its reader sees that and ends it
+            if sent == len(data):
+                return
+            self._unsent = data[sent:]  # nobody holds the lock: a flush task takes it
+            self._nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            await self._send_unsent(b"")  # nothing left if a writer came first: a no-op
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async def _send(self, event: WSEvent) -> None:
+        await self._send_unsent(self._wsproto.send(event))
+
+    async def _send_unsent(self, data: bytes) -> None:
+        """trio-websocket's `_send`, writing waiting ping frames first (and any added meanwhile)."""
+        async with self._stream_lock:
+            try:
+                while self._unsent or data:
+                    data, self._unsent = self._unsent + data, b""
+                    await self._stream.send_all(data)
+                    data = b""
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                assert self._close_reason is not None
+                raise trio_websocket.ConnectionClosed(self._close_reason) from None
+
+    async def _handle_pong_event(self, event: Pong) -> None:
+        if self.on_pong is not None:
+            self.on_pong()
+        if self._pings:  # somebody awaits `ping()`
+            await super()._handle_pong_event(event)
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state == WSState.OPEN:  # not the peer's close: wsproto refused a frame
@@ -251,63 +322,34 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
 
     # ------------------------------------------------------------ sending without a task hop
 
-    _unsent = b""  # bytes of frames accepted by `try_send_nowait` that the socket has not taken yet
-
     def try_send_nowait(self, message: str) -> bool:
-        """Write one text frame now, from whatever task delivers it, if nothing else is being
-        written: False means "queue it for the writer task" (a send is under way, the socket
-        is not open, or earlier bytes still wait). True means the frame is the socket's or in
-        `_unsent`, which the next `_send` or `flush_unsent` writes first, so frames keep their
-        order. Safe only because every other write goes through `_stream_lock` (`_send`)."""
+        """Write one text frame now, from whatever task delivers it (no hop through the
+        connection's writer), if nothing else is being written. False: queue it for the
+        writer (a write is under way, bytes still wait in `_unsent`, the socket is not open,
+        or there is no socket: tests' memory streams). True: the frame is the socket's, or
+        its tail waits in `_unsent` for a flush task, ahead of every later write."""
         if self._close_reason is not None or self._unsent or self._stream_lock.locked():
             return False
-        if self._wsproto.state != WSState.OPEN:
+        sock = getattr(self._stream, "socket", None)
+        if sock is None or self._wsproto.state != WSState.OPEN:
             return False
         data = self._wsproto.send(TextMessage(data=message))
         try:
-            written = os.write(self._fd, data)
+            written = os.write(sock.fileno(), data)
         except BlockingIOError:
             written = 0
         except OSError:
-            written = 0  # the connection is failing: the next `_send` finds out and closes it
+            written = 0  # the connection is failing: the flush finds out and closes it
         if written < len(data):
             self._unsent = data[written:]
+            self._nursery.start_soon(self._flush)
         return True
-
-    @property
-    def has_unsent(self) -> bool:
-        return bool(self._unsent)
-
-    async def flush_unsent(self) -> None:
-        """Write what `try_send_nowait` left over (the writer task does, when told)."""
-        async with self._stream_lock:
-            await self._send_locked(b"")
 
     async def send_messages(self, messages: list[str]) -> None:
         """Several text frames in one socket write (the writer found more than one waiting)."""
         if self._close_reason:
             raise trio_websocket.ConnectionClosed(self._close_reason)
-        data = b"".join(self._wsproto.send(TextMessage(data=message)) for message in messages)
-        async with self._stream_lock:
-            await self._send_locked(data)
-
-    async def _send(self, event: WSEvent) -> None:  # type: ignore[override]
-        """trio-websocket's `_send` (0.12.2), writing `_unsent` bytes first."""
-        data = self._wsproto.send(event)
-        async with self._stream_lock:
-            await self._send_locked(data)
-
-    async def _send_locked(self, data: bytes) -> None:
-        if self._unsent:
-            data, self._unsent = self._unsent + data, b""
-        if not data:
-            return
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._abort_web_socket()
-            assert self._close_reason is not None
-            raise trio_websocket.ConnectionClosed(self._close_reason) from None
+        await self._send_unsent(b"".join(self._wsproto.send(TextMessage(data=message)) for message in messages))
 
 
 async def _wrap_server_stream(
@@ -316,7 +358,7 @@ async def _wrap_server_stream(
     """`trio_websocket.wrap_server_stream` (0.12.2), with `_ServerWebSocket`."""
     ws = _ServerWebSocket(
         stream, WSConnection(ConnectionType.SERVER), message_queue_size=WS_QUEUE,
-        max_message_size=max_message_size, ping_rate=ping_rate, ping_burst=ping_burst,
+        max_message_size=max_message_size, nursery=nursery, ping_rate=ping_rate, ping_burst=ping_burst,
     )
     nursery.start_soon(ws._reader_task)
     return await ws._get_request()

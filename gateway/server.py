@@ -3,8 +3,9 @@
 Start: storage (migrations, reconcile after a restart) → webhook delivery →
 supervisor (restarts the active sessions) → listener. Stop, on `shutdown.set()`:
   1. stop accepting;
-  2. tell every WebSocket the server is going away (close 1001): each
-     connection leaves its sessions, which stops billing at that instant;
+  2. tell every WebSocket the server is going away (close 1001; the heartbeat
+     wheel knows every running connection): each connection leaves its
+     sessions, which stops billing at that instant;
   3. let every session handle those leaves and checkpoint billing;
   4. stop webhook delivery (what is under way stays pending in the outbox);
   5. close storage's channel: it commits what is queued and closes SQLite last.
@@ -21,6 +22,7 @@ import trio
 from actors.clock import WallClock
 from actors.cluster.node import Node, run_node
 from actors.connection import ConnectionContext
+from actors.heartbeat import HeartbeatWheel
 from actors.post_office import PostOffice
 from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
@@ -87,9 +89,12 @@ async def serve(
         async with trio.open_nursery() as session_nursery:
             supervisor_handle = await session_nursery.start(functools.partial(supervisor.run, resume=active))
             directory = await node.attach(supervisor_handle)
+            heartbeat = HeartbeatWheel(settings.heartbeat)  # every connection's liveness, one task
+            await session_nursery.start(heartbeat.run)
             context = ConnectionContext(
                 settings=settings, storage=node.storage, directory=directory, post_office=post_office, clock=clock,
-                authenticate=TokenVerifier(secret), shutting_down=trio.Event(), admission=node.admission,
+                authenticate=TokenVerifier(secret), shutting_down=trio.Event(), heartbeat=heartbeat,
+                admission=node.admission,
             )
             app = create_app(context, mint=functools.partial(mint_token, secret))
             listener = Listener(app=app, context=context)
@@ -110,6 +115,7 @@ async def serve(
                 for sock_listener in listeners:
                     await sock_listener.aclose()
                 context.shutting_down.set()
+                heartbeat.shut_down()  # every running connection closes 1001 and leaves its sessions
                 edge_nursery.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
             log.info("checkpointing sessions")
             await supervisor_handle.flush_sessions(SESSION_FLUSH_TIMEOUT)

@@ -25,6 +25,7 @@ import trio_websocket
 from actors import connection
 from actors.clock import WallClock
 from actors.connection import ConnectionContext
+from actors.heartbeat import HeartbeatWheel
 from actors.post_office import PostOffice
 from actors.session import SessionContext
 from actors.supervise import Supervisor, SupervisorHandle
@@ -32,6 +33,7 @@ from domain.session import SessionRecord
 from domain.settings import Settings
 from domain.timeline import CREATED, TimelineEntry
 from gateway.auth import TokenVerifier, mint_token
+from gateway.listener import _wrap_server_stream
 from parley_client import Client
 from storage import messages as sm
 from storage.actor import StorageActor, StorageHandle
@@ -192,9 +194,9 @@ class World:
         async def serve_one() -> None:
             try:
                 async with trio.open_nursery() as nursery:
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, server_stream, message_queue_size=4,
-                        max_message_size=self.settings.max_frame_bytes,
+                    request = await _wrap_server_stream(  # the listener's (pongs reach the connection)
+                        nursery, server_stream, max_message_size=self.settings.max_frame_bytes,
+                        ping_rate=self.settings.ping_frames_per_second, ping_burst=self.settings.ping_frame_burst,
                     )
                     ws = await request.accept()
                     original = ws.aclose
@@ -244,9 +246,11 @@ async def open_world(tmp_path: Path, **overrides: Any) -> AsyncIterator[World]:
         post_office = PostOffice(max_connections_per_user=settings.max_connections_per_user)
         session_ctx = SessionContext(storage=storage, settings=settings, clock=clock, delivery=post_office)
         supervisor = await nursery.start(Supervisor(session_ctx, calls=post_office).run)
+        heartbeat = HeartbeatWheel(settings.heartbeat)
+        await nursery.start(heartbeat.run)
         ctx = ConnectionContext(
             settings=settings, storage=storage, directory=supervisor, post_office=post_office, clock=clock,
-            authenticate=TokenVerifier(SECRET), shutting_down=trio.Event(),
+            authenticate=TokenVerifier(SECRET), shutting_down=trio.Event(), heartbeat=heartbeat,
         )
         yield World(settings=settings, storage=storage, supervisor=supervisor, ctx=ctx, nursery=nursery)
         nursery.cancel_scope.cancel()

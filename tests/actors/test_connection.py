@@ -245,3 +245,142 @@ async def test_rejoin_replaces_older_connection(autojump_clock, world):
         await bob.request("signal", session=session, to="alice", kind="answer", payload={"still": "here"})
         assert (await new.next_event("signal"))["payload"] == {"still": "here"}
         assert old.pending_events("signal") == []
+
+
+# ---------------------------------------------------------------- the heartbeat wheel
+
+
+def _count_pings(monkeypatch) -> list[float]:
+    """Trio times of every server ping (all connections)."""
+    from gateway.listener import _ServerWebSocket
+
+    pings: list[float] = []
+    original = _ServerWebSocket.ping_nowait
+
+    def counting(self) -> None:
+        pings.append(trio.current_time())
+        original(self)
+
+    monkeypatch.setattr(_ServerWebSocket, "ping_nowait", counting)
+    return pings
+
+
+async def test_a_silent_connection_leaves_at_its_last_frame_exactly(autojump_clock, world):
+    """Dropped after two intervals with no frame and no pong: closed 4008, and the session
+    hears its last-alive instant (its last frame here: it never answered a ping)."""
+    from domain.clock import iso
+
+    async with world(heartbeat=5.0) as w:
+        session = await w.create_session()
+        frozen: list[FreezableStream] = []
+
+        def freezable(stream):
+            frozen.append(FreezableStream(stream))
+            return frozen[0]
+
+        alice, _, alice_side = await w.client("alice", wrap=freezable)
+        bob, _, _ = await w.client("bob")
+        await bob.request("join", session=session)
+        await trio.sleep(3.7)
+        last_frame = trio.current_time()
+        await alice.request("join", session=session)
+        frozen[0].freeze()
+        left = await bob.next_event("presence", timeout=30)
+        while left["state"] != "left":
+            left = await bob.next_event("presence", timeout=30)
+        assert left["user"] == "alice"
+        assert 2 * 5.0 <= trio.current_time() - last_frame <= 2 * 5.0 + 0.5
+        with trio.fail_after(5):
+            await alice_side.done.wait()
+        assert alice_side.close_codes == [CLOSE_POLICY]
+        timeline = await w.storage.read(sm.GetTimeline(session_id=session))
+        dropped = [e for e in timeline if e.kind == "dropped"]
+        assert [e.detail["last_alive"] for e in dropped] == [iso(w.ctx.clock.to_wall_ms(last_frame))]
+
+
+async def test_a_connection_sending_frames_is_not_pinged(autojump_clock, world, monkeypatch):
+    pings = _count_pings(monkeypatch)
+    async with world(heartbeat=5.0) as w:
+        alice, _, side = await w.client("alice")
+        for _ in range(30):  # a frame every 2 s for a minute: never silent for an interval
+            await trio.sleep(2.0)
+            assert (await alice.request("ping"))["type"] == "ok"
+        assert pings == []
+        quiet_from = trio.current_time()
+        await trio.sleep(5.0 + 0.5)  # now silent for an interval: pinged, and it answers
+        assert len(pings) == 1 and 5.0 <= pings[0] - quiet_from <= 5.0 + 0.5
+        await trio.sleep(60)
+        assert not side.done.is_set()
+
+
+async def test_pongs_are_reported_to_the_joined_sessions_each_interval(autojump_clock, world, monkeypatch):
+    """Billing never checkpoints past the last instant a member was known alive: an idle but
+    answering member's sessions keep hearing it (MemberAlive after each pong)."""
+    from actors.session import MemberAlive
+
+    from actors.session import presence
+
+    heard: list[float] = []
+
+    real_alive = presence.alive
+
+    def spying(s, message: MemberAlive) -> None:
+        heard.append(trio.current_time())
+        real_alive(s, message)
+
+    monkeypatch.setattr(presence, "alive", spying)
+    async with world(heartbeat=5.0) as w:
+        session = await w.create_session()
+        alice, _, _ = await w.client("alice")
+        await alice.request("join", session=session)
+        await trio.sleep(60)
+        gaps = [b - a for a, b in zip(heard, heard[1:])]
+        assert len(heard) >= 10 and all(gap <= 5.0 + 0.5 for gap in gaps), heard
+
+
+async def test_a_socket_that_takes_no_ping_holds_up_nobody_else(autojump_clock, world, monkeypatch):
+    """Alice stops reading and her socket fills up; her ping cannot be written. Bob is
+    pinged on time all along and stays; alice is dropped two intervals after her last frame."""
+    pings = _count_pings(monkeypatch)
+    async with world(heartbeat=5.0, frames_per_second=1000.0, frame_burst=1000) as w:
+        session = await w.create_session()
+        frozen: list[FreezableStream] = []
+
+        def freezable(stream):
+            frozen.append(FreezableStream(stream))
+            return frozen[0]
+
+        alice, _, alice_side = await w.client("alice", wrap=freezable, bounded=True)
+        bob, _, bob_side = await w.client("bob")
+        await alice.request("join", session=session)
+        await bob.request("join", session=session)
+        frozen[0].freeze()
+        went_quiet = trio.current_time()
+        for i in range(8):  # ~8 KiB for alice: more than her socket holds
+            await bob.request("signal", session=session, to="alice", kind="candidate", payload={"c": "x" * 1000, "i": i})
+        await trio.sleep(30)
+        assert alice_side.done.is_set() and alice_side.close_codes == [CLOSE_POLICY]
+        assert not bob_side.done.is_set()
+        assert len([t for t in pings if t > went_quiet]) >= 5  # bob's, every interval
+        del alice
+
+
+async def test_graceful_shutdown_closes_every_connection_1001_and_late_ones_too(autojump_clock, world):
+    async with world() as w:
+        session = await w.create_session()
+        alice, alice_ws, alice_side = await w.client("alice")
+        bob, bob_ws, bob_side = await w.client("bob")
+        await alice.request("join", session=session)
+        w.ctx.shutting_down.set()
+        w.ctx.heartbeat.shut_down()
+        with trio.fail_after(5):
+            await alice_side.done.wait()
+            await bob_side.done.wait()
+        assert alice_side.close_codes == [1001] and bob_side.close_codes == [1001]
+        late, _, late_side = await w.client("carol")  # welcomed after the walk: closed at once
+        with trio.fail_after(5):
+            await late_side.done.wait()
+        assert late_side.close_codes == [1001]
+        assert len(w.ctx.heartbeat) == 0
+        timeline = await w.storage.read(sm.GetTimeline(session_id=session))
+        assert [e.detail.get("reason") for e in timeline if e.kind == "left"] == ["closed"]
