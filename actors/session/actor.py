@@ -44,7 +44,7 @@ from protocol.replies import Done, Reply
 from storage import messages as sm
 from storage.actor import StorageHandle
 
-from ..billing_timer import BillingTimer
+from ..billing_clock import BillingClock, BillingTimer
 from ..clock import WallClock
 from ..ports import ConnectionRef, Delivery, Outgoing, ReplyTo
 from . import billing, chat, lifecycle, presence
@@ -120,6 +120,7 @@ class SessionContext:
     clock: WallClock
     delivery: Delivery
     ownership: Ownership | None = None  # cluster mode: claim before loading, fence every write
+    billing_clock: BillingClock | None = None  # the process's one billing clock (the supervisor runs it)
 
 
 class SessionCrashed(Exception):
@@ -190,26 +191,26 @@ class SessionActor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until retired. A crash answers what is queued, then raises SessionCrashed."""
-        async with trio.open_nursery() as nursery:
-            self.timer = BillingTimer(self.handle.timer_mailbox(), BillingDue())
-            nursery.start_soon(self.timer.run)
-            task_status.started()
-            try:
-                await self._live()
-            except Exception as exc:
-                self._crashed()
-                raise SessionCrashed(
-                    self.session_id, active=self.session is not None and self.session.state == ACTIVE
-                ) from exc
-            finally:
-                nursery.cancel_scope.cancel()
-                epoch = self._storage.epoch if self._storage is not None else None
-                if self.ctx.ownership is not None and epoch is not None:
-                    assert self._storage is not None
-                    self.ctx.ownership.stopped(
-                        self.session_id, epoch, fenced=self._storage.fenced,
-                        finished=self.session is None or self.session.state in (ENDED, CANCELLED),
-                    )
+        clock = self.ctx.billing_clock
+        assert clock is not None, "session actors run under a supervisor, which runs the billing clock"
+        self.timer = clock.timer(self.handle.timer_mailbox(), BillingDue())
+        task_status.started()
+        try:
+            await self._live()
+        except Exception as exc:
+            self._crashed()
+            raise SessionCrashed(
+                self.session_id, active=self.session is not None and self.session.state == ACTIVE
+            ) from exc
+        finally:
+            self.timer.close()  # the clock forgets this session
+            epoch = self._storage.epoch if self._storage is not None else None
+            if self.ctx.ownership is not None and epoch is not None:
+                assert self._storage is not None
+                self.ctx.ownership.stopped(
+                    self.session_id, epoch, fenced=self._storage.fenced,
+                    finished=self.session is None or self.session.state in (ENDED, CANCELLED),
+                )
 
     async def _live(self) -> None:
         try:
@@ -381,6 +382,8 @@ class SessionActor:
                 case GetLiveBilling():
                     billing.live(self, message)
                 case BillingDue():
+                    assert self.timer is not None
+                    self.timer.woken()
                     await billing.due(self, end=lifecycle.end)
                 case Flush():
                     await billing.checkpoint(self)

@@ -1,0 +1,221 @@
+"""The process's billing clock (actors/billing_clock.py) under a fake clock: one wake-up per
+due session, last deadline wins, coalescing, full mailboxes, retirement, lateness."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from actors.billing_clock import BUCKET, BillingClock, BillingTimer
+
+from .harness import Peer, world
+
+
+@asynccontextmanager
+async def running_clock(**kwargs: float) -> AsyncIterator[BillingClock]:
+    async with trio.open_nursery() as nursery:
+        clock = await nursery.start(BillingClock(**kwargs).run)
+        yield clock
+        nursery.cancel_scope.cancel()
+
+
+def drain(receive: trio.MemoryReceiveChannel[str]) -> list[str]:
+    got = []
+    while True:
+        try:
+            got.append(receive.receive_nowait())
+        except trio.WouldBlock:
+            return got
+
+
+def session_timer(clock: BillingClock, size: int = 4, wake: str = "due") -> tuple[
+    BillingTimer[str], trio.MemoryReceiveChannel[str]
+]:
+    send, receive = trio.open_memory_channel[str](size)
+    return clock.timer(send, wake), receive
+
+
+async def test_many_sessions_due_in_one_bucket_get_one_wake_up_each(autojump_clock):
+    async with running_clock() as clock:
+        middle = (math.floor(trio.current_time() / BUCKET) + 50.5) * BUCKET  # of a bucket 1 s ahead
+        timers = [session_timer(clock) for _ in range(500)]
+        for i, (timer, _) in enumerate(timers):
+            timer.reschedule(middle + (i % 7 - 3) * BUCKET / 10)  # all within one bucket
+        assert clock.statistics().buckets == 1
+        # a deadline set again and again before it passes is still one wake-up
+        for timer, _ in timers[:50]:
+            timer.reschedule(timer.deadline)
+        await trio.sleep(2)
+        assert [len(drain(receive)) for _, receive in timers] == [1] * 500
+        assert all(timer.pending for timer, _ in timers)
+        stats = clock.statistics()
+        assert (stats.posted, stats.armed, stats.buckets, stats.retried) == (500, 0, 0, 0)
+
+
+async def test_no_second_wake_up_before_the_session_handled_the_first(autojump_clock):
+    async with running_clock() as clock:
+        timer, receive = session_timer(clock)
+        timer.reschedule(trio.current_time() + 1)
+        await trio.sleep(1.5)
+        timer.reschedule(trio.current_time() + 1)  # set while the wake-up is unhandled: kept
+        await trio.sleep(5)
+        assert drain(receive) == ["due"]
+        assert clock.statistics().armed == 0
+        timer.woken()  # the session handled it: the kept deadline (past now) is armed
+        await trio.sleep(0.1)
+        assert drain(receive) == ["due"]
+        timer.woken()
+        timer.reschedule(trio.current_time() + 1)
+        await trio.sleep(1.1)
+        assert drain(receive) == ["due"]
+
+
+async def test_reschedule_moves_the_wake_up(autojump_clock):
+    async with running_clock() as clock:
+        t0 = trio.current_time()
+        timer, receive = session_timer(clock)
+        timer.reschedule(t0 + 1)
+        timer.reschedule(t0 + 3)  # later: the last deadline wins
+        await trio.sleep_until(t0 + 2.5)
+        assert drain(receive) == []
+        await trio.sleep_until(t0 + 3 + BUCKET)
+        assert drain(receive) == ["due"]
+        timer.woken()
+        timer.reschedule(t0 + 100)
+        timer.reschedule(t0 + 4)  # earlier than the bucket the clock sleeps for
+        await trio.sleep_until(t0 + 4 + BUCKET)
+        assert drain(receive) == ["due"]
+
+
+async def test_cancel_removes_the_wake_up(autojump_clock):
+    async with running_clock() as clock:
+        timer, receive = session_timer(clock)
+        timer.reschedule(trio.current_time() + 1)
+        timer.cancel()
+        assert timer.deadline == math.inf
+        assert (clock.statistics().armed, clock.statistics().buckets) == (0, 0)
+        await trio.sleep(10)
+        assert drain(receive) == []
+        assert clock.statistics().posted == 0
+
+
+async def test_a_full_mailbox_does_not_lose_the_wake_up(autojump_clock):
+    async with running_clock() as clock:
+        timer, receive = session_timer(clock, size=2)
+        send = timer._mailbox
+        send.send_nowait("chat")
+        send.send_nowait("chat")  # the session is busy: its mailbox is full
+        t0 = trio.current_time()
+        timer.reschedule(t0 + 1)
+        await trio.sleep(1.5)
+        assert clock.statistics().retried > 0 and clock.statistics().armed == 1
+        assert not timer.pending
+        assert await receive.receive() == "chat"  # the session takes one message: room again
+        await trio.sleep(2 * BUCKET)
+        assert drain(receive) == ["chat", "due"]  # late by about one bucket, not lost
+        assert clock.statistics().posted == 1
+
+
+async def test_a_retired_session_is_forgotten(autojump_clock):
+    async with running_clock() as clock:
+        timers = [session_timer(clock) for _ in range(3)]
+        for timer, _ in timers:
+            timer.reschedule(trio.current_time() + 1)
+        closed, _ = timers[0]
+        closed.close()  # the session actor's `finally`
+        closed.close()  # idempotent
+        closed.reschedule(trio.current_time() + 1)  # a closed timer arms nothing
+        _, gone = timers[1]
+        gone.close()  # the session closed its mailbox (retired) without closing its timer
+        assert clock.statistics().timers == 2 and clock.statistics().armed == 2
+        await trio.sleep(2)
+        stats = clock.statistics()
+        assert (stats.timers, stats.armed, stats.buckets, stats.posted, stats.forgotten) == (1, 0, 0, 1, 1)
+        assert closed._mailbox._closed  # the clock's clone of the mailbox is closed too
+        assert clock._buckets == {} and clock._keys == [] and clock._queued == set()
+
+
+async def test_wake_ups_are_never_early_late_by_less_than_a_bucket_and_in_deadline_order(autojump_clock):
+    rng = random.Random(7)
+    async with running_clock() as clock, trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        woken: list[tuple[float, float, int]] = []  # (deadline, arrival, index)
+        send, receive = trio.open_memory_channel[int](1000)
+
+        async def session(i: int, deadline: float) -> None:
+            own_send, own_receive = trio.open_memory_channel[int](1)
+            timer = clock.timer(own_send, i)
+            timer.reschedule(deadline)
+            await own_receive.receive()
+            woken.append((deadline, trio.current_time(), i))
+            timer.close()
+
+        deadlines = [t0 + rng.uniform(0.5, 3.0) for _ in range(300)]
+        for i, deadline in enumerate(deadlines):
+            nursery.start_soon(session, i, deadline)
+        # one shared mailbox shows the order of posting within each bucket
+        ordered = [clock.timer(send, i) for i in range(300)]
+        for timer, deadline in zip(ordered, deadlines):
+            timer.reschedule(deadline)
+        await trio.sleep(4)
+        assert len(woken) == 300
+        for deadline, arrival, _ in woken:
+            assert deadline <= arrival < deadline + BUCKET + 1e-9
+        posted = drain(receive)
+        assert sorted(posted) == list(range(300))
+        assert [deadlines[i] for i in posted] == sorted(deadlines)
+        assert clock.statistics().timers == 300 and clock.statistics().armed == 0
+
+
+def test_a_bucket_must_be_positive():
+    with pytest.raises(ValueError):
+        BillingClock(bucket=0)
+
+
+# ------------------------------------------------------------ in the session actors
+
+
+async def test_every_billing_session_shares_the_one_clock_and_leaves_it_when_retired(autojump_clock):
+    async with world(billing_tick=1.0) as w:
+        peers = {}
+        for i in range(20):
+            sid = await w.create_active(payer=f"p{i}", provider=f"q{i}", rate=60)
+            peers[sid] = (Peer(f"p{i}"), Peer(f"q{i}"))
+            for peer in peers[sid]:
+                await w.join(peer, sid)
+        clock = w.supervisor_actor.ctx.billing_clock
+        assert clock is not None
+        await trio.sleep(5.5)
+        # no timer task per session: the supervisor's tree is its 20 actors and the one clock
+        assert len(descendants(w.supervisor_actor._nursery)) == 20 + 1
+        stats = clock.statistics()
+        assert stats.timers == 20 and stats.armed == 20 and stats.retried == 0
+        for payer, provider in peers.values():
+            for peer in (payer, provider):
+                assert [f["billable_ms"] for f in peer.frames("billing")] == [0, 1000, 2000, 3000, 4000, 5000]
+        for sid, (payer, _) in peers.items():
+            await w.transition(sid, "end", user=payer.user)
+        for sid, (payer, provider) in peers.items():
+            await w.leave(payer, sid)
+            await w.leave(provider, sid)
+        await trio.sleep(10)  # idle actors retire
+        assert (await w.supervisor.snapshot()).sessions == ()
+        stats = clock.statistics()
+        assert (stats.timers, stats.armed, stats.buckets) == (0, 0, 0)
+        assert len(descendants(w.supervisor_actor._nursery)) == 1
+
+
+def descendants(nursery: trio.Nursery | None) -> list[trio.lowlevel.Task]:
+    assert nursery is not None
+    tasks = []
+    for task in nursery.child_tasks:
+        tasks.append(task)
+        for child in task.child_nurseries:
+            tasks.extend(descendants(child))
+    return tasks
