@@ -35,6 +35,20 @@ Rules, as for the per-session timer this replaces:
   timer from the wheel; a mailbox found closed does the same. The wheel holds no
   entry for a session that is gone.
 
+Tick checkpoints go through the clock too: the session hands its checkpoint over
+(`BillingTimer.checkpoint`, sync) and goes on; the clock's writer sends everything
+handed over since its last write as one `write_many`, so the sessions woken in one
+bucket land in one group commit, and no session task waits on storage for a tick.
+At most one checkpoint per session waits in the clock: a newer one replaces it (each
+is the whole bill, and tick checkpoints carry no timeline). A write that succeeded
+is not reported; one that failed is posted back to its session (`failed(error)`,
+the session's `CheckpointFailed`), which tries again `STORAGE_RETRY` later or, when
+fenced, gives the session up. Like wake-ups, a failure report finding the mailbox
+full is retried in the next bucket, never dropped. A session writing its bill
+itself (a presence change, Flush) first takes back what still waits in the clock
+(`discard_checkpoint`), so an older checkpoint never lands after a newer one;
+what the writer has already queued in storage lands first (storage is FIFO).
+
 The clock runs in the process's supervision tree beside the session actors (it is
 stopped with them, before storage closes); without a running clock, timers still
 take deadlines but nothing wakes their sessions.
@@ -43,11 +57,19 @@ take deadlines but nothing wakes their sessions.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import outcome
 import trio
+
+from domain.errors import StorageUnavailable
+from storage.actor import DEFAULT_TIMEOUT, StorageHandle
+
+log = logging.getLogger("parley.billing")
 
 M = TypeVar("M")
 
@@ -62,6 +84,9 @@ class BillingClockStatistics:
     posted: int  # wake-ups posted since start
     retried: int  # wake-ups put off to the next bucket because a mailbox was full
     forgotten: int  # timers dropped because their session's mailbox had closed
+    checkpoints: int  # tick checkpoints written
+    checkpoint_writes: int  # write_many calls that carried them (checkpoints / writes = batch)
+    checkpoints_failed: int
 
 
 class BillingTimer(Generic[M]):
@@ -70,12 +95,15 @@ class BillingTimer(Generic[M]):
     Only the session's own task calls its methods; they never block.
     """
 
-    __slots__ = ("_clock", "_mailbox", "_wake", "_deadline", "_bucket", "_pending", "_closed")
+    __slots__ = ("_clock", "_mailbox", "_wake", "_failed", "_deadline", "_bucket", "_pending", "_closed")
 
-    def __init__(self, clock: BillingClock, mailbox: trio.MemorySendChannel[M], wake: M) -> None:
+    def __init__(
+        self, clock: BillingClock, mailbox: trio.MemorySendChannel[M], wake: M, failed: Callable[[Exception], M]
+    ) -> None:
         self._clock = clock
         self._mailbox = mailbox
         self._wake = wake
+        self._failed = failed
         self._deadline = math.inf
         self._bucket: int | None = None  # the wheel's key holding this timer, if armed
         self._pending = False  # a wake-up is in the mailbox, not handled yet
@@ -105,8 +133,18 @@ class BillingTimer(Generic[M]):
         if not self._closed:
             self._clock._arm(self)
 
+    def checkpoint(self, request: Any) -> None:
+        """Hand a tick checkpoint (a `CheckpointBilling` without timeline, already stamped
+        for the session's storage) to the clock's writer; a failure comes back as a message."""
+        self._clock._checkpoint(self, request)
+
+    def discard_checkpoint(self) -> None:
+        """Take back a checkpoint still waiting in the clock (the session writes a newer one)."""
+        self._clock._waiting.pop(self, None)
+
     def close(self) -> None:
-        """The session retires: forget its deadline (idempotent)."""
+        """The session retires: forget its deadline (idempotent). A checkpoint it handed
+        over is still written, its result no longer reported."""
         if not self._closed:
             self._closed = True
             self._clock._forget(self)
@@ -115,9 +153,13 @@ class BillingTimer(Generic[M]):
 class BillingClock:
     """Owns the timer wheel; `run` is its one task."""
 
-    def __init__(self, *, bucket: float = BUCKET) -> None:
+    def __init__(
+        self, storage: StorageHandle | None = None, *, bucket: float = BUCKET, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         if not bucket > 0:
             raise ValueError("bucket must be positive")
+        self._storage = storage
+        self._write_timeout = timeout
         self._width = bucket
         self._buckets: dict[int, dict[BillingTimer, None]] = {}  # key -> timers (insertion-ordered set)
         self._keys: list[int] = []  # heap of the keys in `_buckets` (each once)
@@ -127,28 +169,99 @@ class BillingClock:
         self._posted = 0
         self._retried = 0
         self._forgotten = 0
+        self._waiting: dict[BillingTimer, Any] = {}  # checkpoints handed over, not yet sent
+        self._handed = trio.Event()
+        self._failures: dict[BillingTimer, Exception] = {}  # failed checkpoints not yet reported
+        self._checkpoints = 0
+        self._checkpoint_writes = 0
+        self._checkpoints_failed = 0
 
-    def timer(self, mailbox: trio.MemorySendChannel[M], wake: M) -> BillingTimer[M]:
-        """A timer that posts `wake` into `mailbox`; the clock closes `mailbox` when it is closed."""
+    def timer(
+        self, mailbox: trio.MemorySendChannel[M], wake: M, failed: Callable[[Exception], M] | None = None
+    ) -> BillingTimer[M]:
+        """A timer that posts `wake` into `mailbox` when due, and `failed(error)` when a checkpoint
+        it handed over failed (without `failed`: `wake` again); the clock closes `mailbox` when
+        the timer is closed."""
         self._timers += 1
-        return BillingTimer(self, mailbox, wake)
+        return BillingTimer(self, mailbox, wake, failed or (lambda error: wake))
 
     def statistics(self) -> BillingClockStatistics:
         return BillingClockStatistics(
             timers=self._timers, armed=sum(len(b) for b in self._buckets.values()), buckets=len(self._buckets),
             posted=self._posted, retried=self._retried, forgotten=self._forgotten,
+            checkpoints=self._checkpoints, checkpoint_writes=self._checkpoint_writes,
+            checkpoints_failed=self._checkpoints_failed,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[BillingClock] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started(self)
-        try:
-            while True:
-                with trio.CancelScope(deadline=self._next_at()) as self._sleep:
-                    await trio.sleep_forever()
+        """The wheel and, beside it, the checkpoint writer; until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop)
+            task_status.started(self)
+            try:
+                while True:
+                    with trio.CancelScope(deadline=self._next_at()) as self._sleep:
+                        await trio.sleep_forever()
+                    self._sleep = None
+                    now = trio.current_time()
+                    self._fire(now)
+                    self._report(now)
+            finally:
                 self._sleep = None
-                self._fire(trio.current_time())
-        finally:
-            self._sleep = None
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self, timer: BillingTimer, request: Any) -> None:
+        if self._storage is None:
+            raise RuntimeError("this billing clock has no storage to write checkpoints to")
+        self._waiting.pop(timer, None)  # a newer one replaces it (and goes to the end)
+        self._waiting[timer] = request
+        self._handed.set()
+
+    async def _write_loop(self) -> None:
+        assert self._storage is not None or not self._waiting
+        while True:
+            await self._handed.wait()
+            self._handed = trio.Event()
+            batch, self._waiting = self._waiting, {}
+            if not batch:
+                continue
+            assert self._storage is not None
+            requests = list(batch.values())
+            try:
+                results: list[outcome.Outcome] = await self._storage.write_many(
+                    requests, timeout=self._write_timeout
+                )
+            except (StorageUnavailable, trio.TooSlowError) as exc:
+                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable("storage did not answer")
+                results = [outcome.Error(error)] * len(requests)
+            self._checkpoints += len(requests)
+            self._checkpoint_writes += 1
+            for timer, result in zip(batch, results):
+                if isinstance(result, outcome.Error):
+                    self._checkpoints_failed += 1
+                    if not timer._closed:
+                        self._failures[timer] = result.error  # type: ignore[assignment]
+            if self._failures:
+                self._report(trio.current_time())
+
+    def _report(self, now: float) -> None:
+        """Post failed checkpoints back to their sessions; a full mailbox: the next bucket."""
+        for timer, error in list(self._failures.items()):
+            if timer._closed:
+                del self._failures[timer]
+                continue
+            try:
+                timer._mailbox.send_nowait(timer._failed(error))
+            except trio.WouldBlock:
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            del self._failures[timer]
+        if self._failures and self._sleep is not None:
+            at = (self._key(now) + 1) * self._width
+            if at < self._sleep.deadline:
+                self._sleep.deadline = at
 
     # ------------------------------------------------------------ the wheel
 
@@ -158,7 +271,10 @@ class BillingClock:
     def _next_at(self) -> float:
         while self._keys and self._keys[0] not in self._buckets:
             self._queued.discard(heapq.heappop(self._keys))  # emptied by reschedules
-        return self._keys[0] * self._width if self._keys else math.inf
+        at = self._keys[0] * self._width if self._keys else math.inf
+        if self._failures:  # reports that found a full mailbox: try again next bucket
+            at = min(at, (self._key(trio.current_time()) + 1) * self._width)
+        return at
 
     def _arm(self, timer: BillingTimer) -> None:
         self._place(timer, self._key(timer._deadline) if timer._deadline != math.inf else None)

@@ -139,7 +139,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.ctx.billing_clock is None:
-                self.ctx = replace(self.ctx, billing_clock=await nursery.start(BillingClock().run))
+                self.ctx = replace(self.ctx, billing_clock=await nursery.start(BillingClock(self.ctx.storage).run))
             for session_id in resume:
                 self._spawn(session_id)
             task_status.started(self.handle)

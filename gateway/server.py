@@ -83,7 +83,7 @@ async def serve(
         ).run)
         async with trio.open_nursery() as session_nursery:
             # one billing clock wakes every session of this process; it stops with them
-            billing_clock: BillingClock = await session_nursery.start(BillingClock().run)
+            billing_clock: BillingClock = await session_nursery.start(BillingClock(storage).run)
             supervisor = Supervisor(
                 SessionContext(storage=storage, settings=settings, clock=clock, delivery=node.delivery,
                                ownership=node.ownership, billing_clock=billing_clock),

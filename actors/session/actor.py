@@ -51,6 +51,7 @@ from . import billing, chat, lifecycle, presence
 from .fencing import Ownership, SessionStorage
 from .messages import (
     BillingDue,
+    CheckpointFailed,
     DeleteChat,
     EditChat,
     Flush,
@@ -73,6 +74,10 @@ log = logging.getLogger("parley.session")
 MAILBOX_SIZE = 256
 IDLE_GRACE = 5.0  # an actor started for a request that never came retires after this long
 CHAT_BATCH = 64  # chat sends stored in one round trip
+
+
+def _checkpoint_failed(error: Exception) -> SessionMessage:
+    return CheckpointFailed(error=error)
 
 
 class SessionGone(Exception):
@@ -146,6 +151,7 @@ class SessionActor:
     orphan_since: float | None = None  # Trio time since nobody is joined (active sessions)
     next_tick_ms: int | None = None
     timer: BillingTimer[SessionMessage] | None = None
+    checkpoint_owed: bool = False  # a tick checkpoint failed: write one at the next wake-up
     offset_ms: int = 0  # added to the process's wall clock for this session's instants
     _taken: collections.deque[SessionMessage] = field(default_factory=collections.deque)
     _idle_until: float = math.inf  # an idle actor retires once this has passed
@@ -193,7 +199,7 @@ class SessionActor:
         """Serve until retired. A crash answers what is queued, then raises SessionCrashed."""
         clock = self.ctx.billing_clock
         assert clock is not None, "session actors run under a supervisor, which runs the billing clock"
-        self.timer = clock.timer(self.handle.timer_mailbox(), BillingDue())
+        self.timer = clock.timer(self.handle.timer_mailbox(), BillingDue(), _checkpoint_failed)
         task_status.started()
         try:
             await self._live()
@@ -385,6 +391,8 @@ class SessionActor:
                     assert self.timer is not None
                     self.timer.woken()
                     await billing.due(self, end=lifecycle.end)
+                case CheckpointFailed(error=error):
+                    billing.checkpoint_failed(self, error)
                 case Flush():
                     await billing.checkpoint(self)
                     self.reply(message.reply, Done())

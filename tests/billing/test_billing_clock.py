@@ -192,10 +192,13 @@ async def test_every_billing_session_shares_the_one_clock_and_leaves_it_when_ret
         clock = w.supervisor_actor.ctx.billing_clock
         assert clock is not None
         await trio.sleep(5.5)
-        # no timer task per session: the supervisor's tree is its 20 actors and the one clock
-        assert len(descendants(w.supervisor_actor._nursery)) == 20 + 1
+        # no timer task per session: the supervisor's tree is its 20 actors, the one clock
+        # and the clock's checkpoint writer
+        assert len(descendants(w.supervisor_actor._nursery)) == 20 + 2
         stats = clock.statistics()
         assert stats.timers == 20 and stats.armed == 20 and stats.retried == 0
+        # the sessions due together share their checkpoint writes (one per tick here)
+        assert stats.checkpoints == 20 * 5 and stats.checkpoint_writes == 5 and stats.checkpoints_failed == 0
         for payer, provider in peers.values():
             for peer in (payer, provider):
                 assert [f["billable_ms"] for f in peer.frames("billing")] == [0, 1000, 2000, 3000, 4000, 5000]
@@ -208,7 +211,7 @@ async def test_every_billing_session_shares_the_one_clock_and_leaves_it_when_ret
         assert (await w.supervisor.snapshot()).sessions == ()
         stats = clock.statistics()
         assert (stats.timers, stats.armed, stats.buckets) == (0, 0, 0)
-        assert len(descendants(w.supervisor_actor._nursery)) == 1
+        assert len(descendants(w.supervisor_actor._nursery)) == 2
 
 
 def descendants(nursery: trio.Nursery | None) -> list[trio.lowlevel.Task]:
