@@ -8,19 +8,36 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import outcome
 import pytest
 import trio
 import trio.testing
 
 from actors.billing_clock import BUCKET, BillingClock, BillingTimer
+from domain.errors import Fenced, StorageUnavailable
 
 from .harness import Peer, world
 
 
+class FakeStorage:
+    """Records each write_many; `refuse` names requests answered with an error; `gate` holds writes."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.refuse: dict[str, Exception] = {}
+        self.gate: trio.Event | None = None
+
+    async def write_many(self, requests: list[str], *, timeout: float) -> list[outcome.Outcome]:
+        self.calls.append(list(requests))
+        if self.gate is not None:
+            await self.gate.wait()
+        return [outcome.Error(self.refuse[r]) if r in self.refuse else outcome.Value(None) for r in requests]
+
+
 @asynccontextmanager
-async def running_clock(**kwargs: float) -> AsyncIterator[BillingClock]:
+async def running_clock(storage: FakeStorage | None = None, **kwargs: float) -> AsyncIterator[BillingClock]:
     async with trio.open_nursery() as nursery:
-        clock = await nursery.start(BillingClock(**kwargs).run)
+        clock = await nursery.start(BillingClock(storage, **kwargs).run)  # type: ignore[arg-type]
         yield clock
         nursery.cancel_scope.cancel()
 
@@ -173,6 +190,81 @@ async def test_wake_ups_are_never_early_late_by_less_than_a_bucket_and_in_deadli
         assert clock.statistics().timers == 300 and clock.statistics().armed == 0
 
 
+async def test_checkpoints_handed_over_together_are_written_together(autojump_clock):
+    storage = FakeStorage()
+    async with running_clock(storage) as clock:
+        timers = [session_timer(clock) for _ in range(50)]
+        for i, (timer, _) in enumerate(timers):
+            timer.checkpoint(f"c{i}")
+        timers[3][0].checkpoint("c3'")  # a newer one replaces the waiting one
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(storage.calls) == 1 and len(storage.calls[0]) == 50
+        assert "c3" not in storage.calls[0] and storage.calls[0][-1] == "c3'"
+        stats = clock.statistics()
+        assert (stats.checkpoints, stats.checkpoint_writes, stats.checkpoints_failed) == (50, 1, 0)
+        assert all(drain(receive) == [] for _, receive in timers)  # success is not reported
+
+
+async def test_checkpoints_handed_over_during_a_write_go_in_the_next_one(autojump_clock):
+    storage = FakeStorage()
+    storage.gate = trio.Event()
+    async with running_clock(storage) as clock:
+        first, _ = session_timer(clock)
+        second, _ = session_timer(clock)
+        first.checkpoint("a1")
+        await trio.testing.wait_all_tasks_blocked()
+        first.checkpoint("a2")  # while a1 is being written
+        second.checkpoint("b1")
+        second.discard_checkpoint()  # the session wrote its bill itself
+        second.checkpoint("b2")
+        storage.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert storage.calls == [["a1"], ["a2", "b2"]]
+
+
+async def test_a_failed_checkpoint_comes_back_to_its_session_even_through_a_full_mailbox(autojump_clock):
+    storage = FakeStorage()
+    storage.refuse = {"bad": StorageUnavailable("disk I/O error"), "old": Fenced("another node owns it")}
+    async with running_clock(storage) as clock:
+        send, receive = trio.open_memory_channel[object](1)
+        timer = clock.timer(send, "due", lambda error: ("failed", error))
+        fenced, fenced_receive = trio.open_memory_channel[object](4)
+        other = clock.timer(fenced, "due", lambda error: ("failed", error))
+        send.send_nowait("chat")  # full
+        timer.checkpoint("bad")
+        other.checkpoint("old")
+        gone, _ = session_timer(clock)
+        gone.checkpoint("bad")
+        gone.close()  # retired: its checkpoint is written, its failure not reported
+        await trio.sleep(5 * BUCKET)
+        assert len(storage.calls) == 1 and sorted(storage.calls[0]) == ["bad", "bad", "old"]
+        [(kind, error)] = drain(fenced_receive)
+        assert kind == "failed" and isinstance(error, Fenced)
+        assert await receive.receive() == "chat"
+        await trio.sleep(2 * BUCKET)
+        [(kind, error)] = drain(receive)
+        assert kind == "failed" and isinstance(error, StorageUnavailable)
+        assert clock.statistics().checkpoints_failed == 3 and clock._failures == {}
+
+
+async def test_a_storage_that_does_not_answer_fails_the_whole_write(autojump_clock):
+    storage = FakeStorage()
+    storage.gate = trio.Event()  # never set
+
+    class Slow(FakeStorage):
+        async def write_many(self, requests, *, timeout):
+            with trio.fail_after(timeout):
+                return await storage.write_many(requests, timeout=timeout)
+
+    async with running_clock(Slow(), timeout=2.0) as clock:
+        send, receive = trio.open_memory_channel[object](4)
+        timer = clock.timer(send, "due", lambda error: error)
+        timer.checkpoint("c")
+        await trio.sleep(3)
+        [error] = drain(receive)
+        assert isinstance(error, StorageUnavailable)
+
+
 def test_a_bucket_must_be_positive():
     with pytest.raises(ValueError):
         BillingClock(bucket=0)
@@ -222,3 +314,27 @@ def descendants(nursery: trio.Nursery | None) -> list[trio.lowlevel.Task]:
         for child in task.child_nurseries:
             tasks.extend(descendants(child))
     return tasks
+
+
+async def test_a_failed_tick_checkpoint_is_written_again_after_storage_retry(autojump_clock, tmp_path):
+    from actors.session.billing import STORAGE_RETRY
+
+    from .harness import FlakyBackend
+
+    backend = FlakyBackend(tmp_path / "parley.sqlite3", synchronous="OFF")
+    async with world(backend=backend, billing_tick=30.0) as w:
+        sid = await w.create_active(rate=60)
+        payer, provider = Peer("payer"), Peer("provider")
+        await w.join(payer, sid)
+        await w.join(provider, sid)
+        start = trio.current_time()
+        await trio.sleep_until(start + 29)
+        backend.failing = True
+        await trio.sleep_until(start + 30 + STORAGE_RETRY / 2)  # the tick's checkpoint failed
+        backend.failing = False
+        assert (await w.stored_billing(sid)).billable_ms == 0
+        await trio.sleep_until(start + 30 + STORAGE_RETRY + 2 * BUCKET)
+        # written again one STORAGE_RETRY later, not a whole tick later
+        assert 29_000 <= (await w.stored_billing(sid)).billable_ms <= 31_000
+        assert [f["billable_ms"] for f in payer.frames("billing")] == [0, 30_000]  # no extra push
+        assert w.supervisor_actor.ctx.billing_clock.statistics().checkpoints_failed == 1
