@@ -12,9 +12,12 @@ It is alive while the session is active or anybody is joined; everything it
 knows beyond that is in storage, so a later join or REST call starts it again.
 
 Mailbox: bounded (`MAILBOX_SIZE`). Connections and the REST app *await* space in
-it (TCP pushes back on a flooding client); notices (`MemberAlive`, billing
-wake-ups) are sent without waiting and a full mailbox drops them, which only
-makes billing more conservative. The actor itself never waits on a connection:
+it (TCP pushes back on a flooding client); notices are sent without waiting:
+a full mailbox drops a `MemberAlive`, which only makes billing more conservative,
+while the process's billing clock (actors/billing_clock.py) retries a billing
+wake-up or a failed-checkpoint report in its next bucket, never dropping one.
+Tick checkpoints are handed to that clock, which writes those of every session
+due together in one group commit; the actor does not wait for them. The actor itself never waits on a connection:
 everything it sends goes through the `Delivery` port, which never blocks. It does
 wait on storage, under the storage handle's deadline.
 

@@ -6,6 +6,14 @@ checkpoint never holds time past the last instant the payer and the provider
 were each known alive (their last pong or frame, as their connections report
 it), so a crash right after a silent drop bills no ghost time; the price is that
 a crash may under-count up to one tick plus one heartbeat interval.
+
+Wake-ups come from the process's billing clock (actors/billing_clock.py). A tick's
+checkpoint is handed to that clock and written with those of every session due in
+the same bucket (one group commit); the session goes on at once and hears back only
+when the write failed (`CheckpointFailed`: retried `STORAGE_RETRY` later). Writes
+that carry timeline entries (presence changes, the warning, the end) and the
+shutdown flush are still awaited here, after taking back a tick checkpoint still
+waiting in the clock, so checkpoints land in the order they were taken.
 """
 
 from __future__ import annotations
