@@ -2,8 +2,8 @@
 
     supervise.Supervisor           one per process: registry of live session actors (the local
      │                              session directory); restarts active sessions, then escalates
+     ├── billing_clock.BillingClock one per process: a timer wheel that wakes sessions when billing is due
      ├── session.SessionActor      one per live session: presence, signaling, chat, lifecycle, billing
-     │    └── billing_timer        one per session: wakes the session when billing is due
      ├── webhooks.WebhookActor     one per process: sends the outbox
      └── (connections)             connection.serve: one per WebSocket, in the listener's nursery;
                                    its writer also streams the offline queue (offline_queue.py)

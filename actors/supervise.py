@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import collections
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
+from .billing_clock import BillingClock
 from .post_office import PostOffice
 from .session import (
     MAILBOX_SIZE,
@@ -131,9 +132,14 @@ class Supervisor:
         resume: tuple[str, ...] = (),
         task_status: trio.TaskStatus[SupervisorHandle] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled. `resume` names active sessions to restart (after a restart)."""
+        """Serve until cancelled. `resume` names active sessions to restart (after a restart).
+
+        The session actors' billing clock is the one in the context; with none there, the
+        supervisor runs one beside its actors (stopped with them)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.ctx.billing_clock is None:
+                self.ctx = replace(self.ctx, billing_clock=await nursery.start(BillingClock(self.ctx.storage).run))
             for session_id in resume:
                 self._spawn(session_id)
             task_status.started(self.handle)

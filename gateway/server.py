@@ -1,12 +1,13 @@
 """The process: builds the actor tree in order and takes it down in reverse.
 
 Start: storage (migrations, reconcile after a restart) → webhook delivery →
-supervisor (restarts the active sessions) → listener. Stop, on `shutdown.set()`:
+billing clock → supervisor (restarts the active sessions) → listener. Stop, on `shutdown.set()`:
   1. stop accepting;
   2. tell every WebSocket the server is going away (close 1001; the heartbeat
      wheel knows every running connection): each connection leaves its
      sessions, which stops billing at that instant;
-  3. let every session handle those leaves and checkpoint billing;
+  3. let every session handle those leaves and checkpoint billing (Flush), then stop
+     the sessions and the billing clock;
   4. stop webhook delivery (what is under way stays pending in the outbox);
   5. close storage's channel: it commits what is queued and closes SQLite last.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
+from actors.billing_clock import BillingClock
 from actors.clock import WallClock
 from actors.cluster.node import Node, run_node
 from actors.connection import ConnectionContext
@@ -81,12 +83,14 @@ async def serve(
             storage, clock, commits=getattr(backend, "webhook_commits", None),
             allow_private=settings.dev or settings.allow_private_webhooks,
         ).run)
-        supervisor = Supervisor(
-            SessionContext(storage=storage, settings=settings, clock=clock, delivery=node.delivery,
-                           ownership=node.ownership),
-            calls=post_office,
-        )
         async with trio.open_nursery() as session_nursery:
+            # one billing clock wakes every session of this process; it stops with them
+            billing_clock: BillingClock = await session_nursery.start(BillingClock(storage).run)
+            supervisor = Supervisor(
+                SessionContext(storage=storage, settings=settings, clock=clock, delivery=node.delivery,
+                               ownership=node.ownership, billing_clock=billing_clock),
+                calls=post_office,
+            )
             supervisor_handle = await session_nursery.start(functools.partial(supervisor.run, resume=active))
             directory = await node.attach(supervisor_handle)
             heartbeat = HeartbeatWheel(settings.heartbeat)  # every connection's liveness, one task

@@ -12,9 +12,12 @@ It is alive while the session is active or anybody is joined; everything it
 knows beyond that is in storage, so a later join or REST call starts it again.
 
 Mailbox: bounded (`MAILBOX_SIZE`). Connections and the REST app *await* space in
-it (TCP pushes back on a flooding client); notices (`MemberAlive`, billing
-wake-ups) are sent without waiting and a full mailbox drops them, which only
-makes billing more conservative. The actor itself never waits on a connection:
+it (TCP pushes back on a flooding client); notices are sent without waiting:
+a full mailbox drops a `MemberAlive`, which only makes billing more conservative,
+while the process's billing clock (actors/billing_clock.py) retries a billing
+wake-up or a failed-checkpoint report in its next bucket, never dropping one.
+Tick checkpoints are handed to that clock, which writes those of every session
+due together in one group commit; the actor does not wait for them. The actor itself never waits on a connection:
 everything it sends goes through the `Delivery` port, which never blocks. It does
 wait on storage, under the storage handle's deadline.
 
@@ -45,13 +48,14 @@ from protocol.replies import Done, Reply
 from storage import messages as sm
 from storage.actor import StorageHandle
 
-from ..billing_timer import BillingTimer
+from ..billing_clock import BillingClock, BillingTimer
 from ..clock import WallClock
 from ..ports import ConnectionRef, Delivery, Outgoing, ReplyTo
 from . import billing, chat, lifecycle, presence
 from .fencing import Ownership, SessionStorage
 from .messages import (
     BillingDue,
+    CheckpointFailed,
     DeleteChat,
     EditChat,
     Flush,
@@ -74,6 +78,10 @@ log = logging.getLogger("parley.session")
 MAILBOX_SIZE = 256
 IDLE_GRACE = 5.0  # an actor started for a request that never came retires after this long
 CHAT_BATCH = 64  # chat sends stored in one round trip
+
+
+def _checkpoint_failed(error: Exception) -> SessionMessage:
+    return CheckpointFailed(error=error)
 
 
 class SessionGone(Exception):
@@ -129,6 +137,7 @@ class SessionContext:
     clock: WallClock
     delivery: Delivery
     ownership: Ownership | None = None  # cluster mode: claim before loading, fence every write
+    billing_clock: BillingClock | None = None  # the process's one billing clock (the supervisor runs it)
 
 
 class SessionCrashed(Exception):
@@ -154,6 +163,7 @@ class SessionActor:
     orphan_since: float | None = None  # Trio time since nobody is joined (active sessions)
     next_tick_ms: int | None = None
     timer: BillingTimer[SessionMessage] | None = None
+    checkpoint_owed: bool = False  # a tick checkpoint failed: write one at the next wake-up
     offset_ms: int = 0  # added to the process's wall clock for this session's instants
     _taken: collections.deque[SessionMessage] = field(default_factory=collections.deque)
     _idle_until: float = math.inf  # an idle actor retires once this has passed
@@ -203,27 +213,27 @@ class SessionActor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until retired. A crash answers what is queued, then raises SessionCrashed."""
-        async with trio.open_nursery() as nursery:
-            self.timer = BillingTimer(self.handle.timer_mailbox(), BillingDue())
-            nursery.start_soon(self.timer.run)
-            task_status.started()
-            try:
-                await self._live()
-            except Exception as exc:
-                self._crashed()
-                raise SessionCrashed(
-                    self.session_id, active=self.session is not None and self.session.state == ACTIVE
-                ) from exc
-            finally:
-                self.handle.routes = None  # nobody relays through a session that is not serving
-                nursery.cancel_scope.cancel()
-                epoch = self._storage.epoch if self._storage is not None else None
-                if self.ctx.ownership is not None and epoch is not None:
-                    assert self._storage is not None
-                    self.ctx.ownership.stopped(
-                        self.session_id, epoch, fenced=self._storage.fenced,
-                        finished=self.session is None or self.session.state in (ENDED, CANCELLED),
-                    )
+        clock = self.ctx.billing_clock
+        assert clock is not None, "session actors run under a supervisor, which runs the billing clock"
+        self.timer = clock.timer(self.handle.timer_mailbox(), BillingDue(), _checkpoint_failed)
+        task_status.started()
+        try:
+            await self._live()
+        except Exception as exc:
+            self._crashed()
+            raise SessionCrashed(
+                self.session_id, active=self.session is not None and self.session.state == ACTIVE
+            ) from exc
+        finally:
+            self.handle.routes = None  # nobody relays through a session that is not serving
+            self.timer.close()  # the clock forgets this session
+            epoch = self._storage.epoch if self._storage is not None else None
+            if self.ctx.ownership is not None and epoch is not None:
+                assert self._storage is not None
+                self.ctx.ownership.stopped(
+                    self.session_id, epoch, fenced=self._storage.fenced,
+                    finished=self.session is None or self.session.state in (ENDED, CANCELLED),
+                )
 
     async def _live(self) -> None:
         try:
@@ -396,7 +406,11 @@ class SessionActor:
                 case GetLiveBilling():
                     billing.live(self, message)
                 case BillingDue():
+                    assert self.timer is not None
+                    self.timer.woken()
                     await billing.due(self, end=lifecycle.end)
+                case CheckpointFailed(error=error):
+                    billing.checkpoint_failed(self, error)
                 case Flush():
                     await billing.checkpoint(self)
                     self.reply(message.reply, Done())

@@ -6,6 +6,14 @@ checkpoint never holds time past the last instant the payer and the provider
 were each known alive (their last pong or frame, as their connections report
 it), so a crash right after a silent drop bills no ghost time; the price is that
 a crash may under-count up to one tick plus one heartbeat interval.
+
+Wake-ups come from the process's billing clock (actors/billing_clock.py). A tick's
+checkpoint is handed to that clock and written with those of every session due in
+the same bucket (one group commit); the session goes on at once and hears back only
+when the write failed (`CheckpointFailed`: retried `STORAGE_RETRY` later). Writes
+that carry timeline entries (presence changes, the warning, the end) and the
+shutdown flush are still awaited here, after taking back a tick checkpoint still
+waiting in the clock, so checkpoints land in the order they were taken.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import trio
 
 from domain import metrics, timeline
 from domain.billing import Ledger, amount_minor
-from domain.errors import StorageUnavailable
+from domain.errors import Fenced, StorageUnavailable
 from domain.session import ACTIVE, END_LIMIT_REACHED
 from protocol import wire
 from protocol.replies import LiveBilling
@@ -127,9 +135,11 @@ async def update(s: SessionActor, at_ms: int, *, extra: tuple[timeline.TimelineE
     if changed:
         _push(s, at_ms)
         reschedule(s)  # from the ledger in memory, even if the write fails
+        _take_back(s)
         await s.storage.write(sm.CheckpointBilling(
             billing=state(s, s.now_ms(), checkpoint=True), timeline=tuple(entries),
         ))
+        s.checkpoint_owed = False
     elif entries:
         await s.storage.write(sm.AppendTimeline(entries=tuple(entries)))
 
@@ -141,7 +151,10 @@ def reschedule(s: SessionActor, *, not_before: float = -math.inf) -> None:
         timer.cancel()
         return
     due = [t for t in (s.next_tick_ms, ledger.warning_at(), ledger.limit_at()) if t is not None]
-    timer.reschedule(max(not_before, trio.current_time() + max(0, min(due) - s.now_ms()) / 1000))
+    at = max(not_before, trio.current_time() + max(0, min(due) - s.now_ms()) / 1000)
+    if s.checkpoint_owed:
+        at = min(at, max(not_before, trio.current_time() + STORAGE_RETRY))
+    timer.reschedule(at)
 
 
 async def due(s: SessionActor, *, end: EndSession) -> None:
@@ -173,18 +186,47 @@ async def _due_now(s: SessionActor, end: EndSession) -> None:
             session_id=s.session_id, at=now_ms, kind=timeline.BILLING_LIMIT_NEAR, actor="server",
             detail={"billable_ms": ledger.billable_ms(now_ms)},
         ),)))
-    if s.next_tick_ms is not None and now_ms >= s.next_tick_ms:
+    tick = s.next_tick_ms is not None and now_ms >= s.next_tick_ms
+    if tick:
+        assert s.next_tick_ms is not None
         tick_ms = int(s.settings.billing_tick * 1000)
         while s.next_tick_ms <= now_ms:
             s.next_tick_ms += tick_ms
         _push(s, now_ms)
-        await s.storage.write(sm.CheckpointBilling(billing=state(s, now_ms, checkpoint=True)))
+    if tick or s.checkpoint_owed:
+        # handed to the billing clock, which writes the checkpoints of every session due
+        # with this one in one group commit; a failure comes back as CheckpointFailed
+        assert s.timer is not None
+        s.timer.checkpoint(s.storage.stamp(  # type: ignore[attr-defined]
+            sm.CheckpointBilling(billing=state(s, now_ms, checkpoint=True))
+        ))
+        s.checkpoint_owed = False
+
+
+def checkpoint_failed(s: SessionActor, error: Exception) -> None:
+    """A tick checkpoint the clock wrote failed: fenced, give up; otherwise write the bill
+    again `STORAGE_RETRY` from now (the ledger in memory is right)."""
+    s.storage.refused(error)  # type: ignore[attr-defined]
+    if isinstance(error, Fenced) or s.billing_final:
+        return
+    log.error("session %s: billing checkpoint failed, retrying: %s", s.session_id, error)
+    s.checkpoint_owed = True
+    reschedule(s)
+
+
+def _take_back(s: SessionActor) -> None:
+    """The session writes its bill itself: a tick checkpoint still waiting in the clock is
+    older, and must not land after this one."""
+    if s.timer is not None:
+        s.timer.discard_checkpoint()
 
 
 async def checkpoint(s: SessionActor) -> None:
     """Store the running bill now (graceful shutdown's flush)."""
     if s.ledger is not None and s.ledger.is_open and not s.billing_final:
+        _take_back(s)
         await s.storage.write(sm.CheckpointBilling(billing=state(s, s.now_ms(), checkpoint=True)))
+        s.checkpoint_owed = False
 
 
 def live(s: SessionActor, message: GetLiveBilling) -> None:

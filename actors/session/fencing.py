@@ -58,6 +58,16 @@ class SessionStorage:
         self.epoch: int | None = None
         self.fenced = False
 
+    def stamp(self, request: Any) -> Any:
+        """`request` as this session writes it (with its epoch), for a write sent by another task."""
+        return self._stamp(request)
+
+    def refused(self, error: Exception) -> None:
+        """A write sent by another task (the billing clock) came back with `error`."""
+        if isinstance(error, Fenced):
+            FENCED_WRITES.inc()
+            self.fenced = True
+
     def _stamp(self, request: Any) -> Any:
         if self.epoch is not None and getattr(request, "epoch", 0) is None:
             if self._ownership is not None and not self._ownership.writable:

@@ -118,7 +118,14 @@ class Flush:
 
 @dataclass(frozen=True, slots=True)
 class BillingDue:
-    """Posted by the session's billing timer when its deadline passes."""
+    """Posted by the billing clock when the session's billing deadline passes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointFailed:
+    """Posted by the billing clock when a tick checkpoint it wrote for the session failed."""
+
+    error: Exception  # StorageUnavailable, Fenced, another ParleyError
 
 
 SessionMessage = (
@@ -136,4 +143,5 @@ SessionMessage = (
     | GetLiveBilling
     | Flush
     | BillingDue
+    | CheckpointFailed
 )
