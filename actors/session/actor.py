@@ -238,7 +238,9 @@ class SessionActor:
     async def _live(self) -> None:
         try:
             await self._load()
-        except (NotFound, StorageUnavailable, trio.TooSlowError) as exc:
+        except (NotFound, StorageUnavailable, Fenced, trio.TooSlowError) as exc:
+            # Fenced: the claim lost to another node, or this node's lease lapsed; not a crash,
+            # the callers retry and reach whoever owns the session
             error = exc if isinstance(exc, ParleyError) else StorageUnavailable("storage did not answer")
             self._refuse_queued(error)
             return

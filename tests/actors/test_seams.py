@@ -20,7 +20,8 @@ from actors.session.actor import IDLE_GRACE
 from actors.session.chat import chat_frame
 from actors.supervise import RestartIntensityExceeded, Supervisor
 from domain.chat import ChatMessage
-from domain.errors import Internal, StorageUnavailable
+from domain import metrics
+from domain.errors import Fenced, Internal, StorageUnavailable
 from domain.identity import Identity
 from parley_client import RequestError
 from storage import messages as sm
@@ -267,3 +268,36 @@ def test_finish_reasons_merge_and_a_drop_is_never_lost():
     connection._finish(4008, "heartbeat timeout", dropped=False)
     assert connection._finished.dropped  # a later reason never takes the drop back
 
+
+
+class LapsedOwnership:
+    """A cluster node whose lease has lapsed: every claim is refused."""
+
+    node = "n1"
+    writable = False
+
+    async def claim(self, session_id: str) -> int:
+        raise Fenced("this node's lease has lapsed; try again")
+
+    def stopped(self, session_id: str, epoch: int, *, fenced: bool, finished: bool) -> None:
+        raise AssertionError("nothing was claimed")
+
+
+async def test_a_claim_refused_at_load_is_answered_fenced_not_a_crash(autojump_clock, world):
+    """In a cluster, a node whose claim is refused (another owner, or its own lease lapsed)
+    answers the queued requests with Fenced, which callers (and a takeover's rejoin) retry;
+    it used to crash the actor, and the rejoin gave up on the crash's `internal` error."""
+    async with world() as w:
+        sid = await w.create_session()
+        own = Supervisor(
+            actor.SessionContext(storage=w.storage, settings=w.settings, clock=w.ctx.clock,
+                                 delivery=w.ctx.post_office, ownership=LapsedOwnership()),
+            calls=w.ctx.post_office,
+        )
+        crashes_before = metrics.SESSION_CRASHES._value.get()
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(own.run)
+            with pytest.raises((Fenced, StorageUnavailable)):  # both retried, unlike `internal`
+                await call_session(handle, w.ctx.post_office, sid, lambda r: Transition(caller=ADMIN, name="start", reply=r))
+            nursery.cancel_scope.cancel()
+        assert metrics.SESSION_CRASHES._value.get() == crashes_before
