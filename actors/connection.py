@@ -302,9 +302,12 @@ class Connection:
             if self._held:
                 item = self._held.popleft()
             else:
-                self._writer_idle = self._outbox.statistics().current_buffer_used == 0
-                item = await self._outbox.receive()
-                self._writer_idle = False
+                try:
+                    item = self._outbox.receive_nowait()
+                except trio.WouldBlock:  # nothing queued, nothing in hand: deliverers may write
+                    self._writer_idle = True
+                    item = await self._outbox.receive()
+                    self._writer_idle = False
             try:
                 match item:
                     case str():

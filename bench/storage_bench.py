@@ -197,12 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-seconds", type=float, default=3.0)
     ap.add_argument("--dir", help="where the database files go (default: a temp dir on the data disk)")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--default-gc", action="store_true",
+                    help="keep CPython's collector settings (default: the server's, from run.py)")
     args = ap.parse_args(argv)
+    from run import GC_THRESHOLDS
+
+    if not args.default_gc:  # measure the storage actor under the collector settings the server runs with
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+    result_gc = "CPython defaults" if args.default_gc else f"the server's {GC_THRESHOLDS}"
     if args.sessions and args.sessions < args.writers:
         ap.error("--sessions below --writers: two writers of one session would race for its seq")
     sessions = args.sessions or args.writers
     base = Path(args.dir) if args.dir else None
-    result: dict = {"cpus": os.cpu_count()}
+    result: dict = {"cpus": os.cpu_count(), "gc": result_gc}
     status = 0
     with tempfile.TemporaryDirectory(prefix="parley-storage-bench-", dir=base) as tmp:
         directory = Path(tmp)
