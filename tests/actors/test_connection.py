@@ -316,9 +316,7 @@ async def test_a_connection_sending_frames_is_not_pinged(autojump_clock, world, 
 async def test_pongs_are_reported_to_the_joined_sessions_each_interval(autojump_clock, world, monkeypatch):
     """Billing never checkpoints past the last instant a member was known alive: an idle but
     answering member's sessions keep hearing it (MemberAlive after each pong)."""
-    from actors.session import MemberAlive
-
-    from actors.session import presence
+    from actors.session import MemberAlive, presence
 
     heard: list[float] = []
 

@@ -19,8 +19,8 @@ from actors.session import SendChat, SessionHandle, Transition, actor, chat
 from actors.session.actor import IDLE_GRACE
 from actors.session.chat import chat_frame
 from actors.supervise import RestartIntensityExceeded, Supervisor
-from domain.chat import ChatMessage
 from domain import metrics
+from domain.chat import ChatMessage
 from domain.errors import Fenced, Internal, StorageUnavailable
 from domain.identity import Identity
 from parley_client import RequestError
@@ -298,6 +298,7 @@ async def test_a_claim_refused_at_load_is_answered_fenced_not_a_crash(autojump_c
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(own.run)
             with pytest.raises((Fenced, StorageUnavailable)):  # both retried, unlike `internal`
-                await call_session(handle, w.ctx.post_office, sid, lambda r: Transition(caller=ADMIN, name="start", reply=r))
+                await call_session(handle, w.ctx.post_office, sid,
+                                   lambda r: Transition(caller=ADMIN, name="start", reply=r))
             nursery.cancel_scope.cancel()
         assert metrics.SESSION_CRASHES._value.get() == crashes_before
