@@ -79,12 +79,16 @@ WRITE_BATCH = 64  # plain frames the writer puts in one socket write
 
 
 class LiveSocket(Protocol):
-    """What liveness needs of the server WebSocket besides trio-websocket's API
-    (gateway/listener.py `_ServerWebSocket`)."""
+    """What a connection needs of its server WebSocket beyond trio-websocket's API
+    (gateway/listener.py `_ServerWebSocket`): liveness, and writes without a task hop."""
 
     on_pong: Callable[[], None] | None
 
     def ping_nowait(self) -> None: ...
+
+    def try_send_nowait(self, message: str) -> bool: ...
+
+    async def send_messages(self, messages: list[str]) -> None: ...
 
 
 class Admission(Protocol):
@@ -172,7 +176,7 @@ class Connection:
     __slots__ = (
         "ws", "ref", "ctx", "settings", "caller", "_outbox_send", "_outbox", "joined", "last_alive",
         "_reported_alive", "_beat", "_bucket", "_strikes", "_scope", "_finished", "_held",
-        "_writer_idle", "_try_send_nowait", "_chat",
+        "_writer_idle", "_live", "_chat",
     )
 
     def __init__(self, ws: WebSocketConnection, ref: ConnectionRef, ctx: ConnectionContext) -> None:
@@ -196,7 +200,7 @@ class Connection:
         # True only while the writer waits on an empty outbox: then a plain frame may be written
         # by whoever delivers it (no task hop); every item queued in the outbox clears it first
         self._writer_idle = False
-        self._try_send_nowait: Callable[[str], bool] | None = getattr(ws, "try_send_nowait", None)
+        self._live: LiveSocket = ws  # type: ignore[assignment]  # the listener's _ServerWebSocket
         self._chat = OfflineQueue(ctx.storage, self._send, self._send_waiting_frames)  # the writer's
 
     def _finish(self, code: int, reason: str, *, dropped: bool = False) -> None:
@@ -229,8 +233,7 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
-        live: LiveSocket = self.ws  # type: ignore[assignment]
-        live.on_pong = self._pong
+        self._live.on_pong = self._pong
         self._beat = self.ctx.heartbeat.register(self)
         if self.ctx.shutting_down.is_set():  # it came in after the wheel's shutdown walk
             self.going_away()
@@ -245,7 +248,7 @@ class Connection:
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
             self.ctx.heartbeat.unregister(self._beat)
-            live.on_pong = None
+            self._live.on_pong = None
             self.ctx.post_office.close_box(self.ref)
             if admission is not None:
                 await admission.leave(self.ref.user)  # shielded, bounded
@@ -278,7 +281,7 @@ class Connection:
         once, from the delivering task straight to this socket. Anything else is queued for
         the writer, and the writer is no longer idle from that instant on, so a later frame
         can never overtake it."""
-        if self._writer_idle and self._try_send_nowait is not None:
+        if self._writer_idle:
             if type(item) is str:
                 if self._write_now(item):
                     return True
@@ -290,8 +293,7 @@ class Connection:
         return False
 
     def _write_now(self, frame: str) -> bool:
-        assert self._try_send_nowait is not None
-        if not self._try_send_nowait(frame):
+        if not self._live.try_send_nowait(frame):
             return False
         metrics.FRAMES_OUT.inc()
         return True
@@ -324,10 +326,6 @@ class Connection:
     async def _send_plain(self, first: str) -> None:
         """`first` and the plain frames queued right behind it, in one socket write (the next
         chat item stops the batch and is handled next: the order is never changed)."""
-        send_many = getattr(self.ws, "send_messages", None)
-        if send_many is None:
-            await self._send(first)
-            return
         frames = [first]
         while len(frames) < WRITE_BATCH and not self._held:
             try:
@@ -339,7 +337,7 @@ class Connection:
             else:
                 self._held.append(item)
         try:
-            await send_many(frames)
+            await self._live.send_messages(frames)
         except ConnectionClosed:
             self._finish(CLOSE_NORMAL, "send failed", dropped=True)
             await trio.sleep_forever()  # the connection's scope is cancelled: this ends the writer
@@ -371,8 +369,7 @@ class Connection:
     # ------------------------------------------------------------ liveness (the wheel calls these)
 
     def ping(self) -> None:
-        live: LiveSocket = self.ws  # type: ignore[assignment]
-        live.ping_nowait()
+        self._live.ping_nowait()
 
     def _pong(self) -> None:
         self.last_alive = trio.current_time()

@@ -245,22 +245,23 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         """
         if self._close_reason is not None or self._wsproto.state != WSState.OPEN:
             return
-        data = PING_FRAME
         if self._unsent or self._stream_lock.locked():
-            self._unsent += data  # whoever holds or next takes the lock writes it
+            self._unsent += PING_FRAME  # whoever holds or next takes the lock writes it
         else:
-            sent = 0
-            sock = getattr(self._stream, "socket", None)  # a ReplayStream; tests use memory streams
-            if sock is not None:
-                try:
-                    sent = os.write(sock.fileno(), data)
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    return  # the connection is broken: its reader sees that and ends it
-            if sent == len(data):
-                return
-            self._unsent = data[sent:]  # nobody holds the lock: a flush task takes it
+            self._write_or_keep(PING_FRAME)
+
+    def _write_or_keep(self, data: bytes) -> None:
+        """Nobody holds the lock and nothing waits: one non-blocking write of what the socket
+        takes; the rest waits in `_unsent`, for a flush task of this connection's nursery."""
+        sock = getattr(self._stream, "socket", None)  # a ReplayStream; tests use memory streams
+        written = 0
+        if sock is not None:
+            try:
+                written = os.write(sock.fileno(), data)
+            except OSError:  # full (BlockingIOError), or failing: the flush finds out and closes
+                pass
+        if written < len(data):
+            self._unsent = data[written:]
             self._nursery.start_soon(self._flush)
 
     async def _flush(self) -> None:
@@ -331,18 +332,9 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         if self._close_reason is not None or self._unsent or self._stream_lock.locked():
             return False
         sock = getattr(self._stream, "socket", None)
-        if sock is None or self._wsproto.state != WSState.OPEN:
+        if sock is None or self._wsproto.state != WSState.OPEN:  # (memory streams: the writer sends)
             return False
-        data = self._wsproto.send(TextMessage(data=message))
-        try:
-            written = os.write(sock.fileno(), data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            written = 0  # the connection is failing: the flush finds out and closes it
-        if written < len(data):
-            self._unsent = data[written:]
-            self._nursery.start_soon(self._flush)
+        self._write_or_keep(self._wsproto.send(TextMessage(data=message)))
         return True
 
     async def send_messages(self, messages: list[str]) -> None:
