@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
+import math
 import os
 import resource
 import sys
@@ -158,6 +160,7 @@ async def open_all(args, plan, stats: Stats) -> list[Conn]:
     for conn in conns:
         if conn.ws is not None:
             conn.start_reader()
+    COLLECTOR.tune()  # what is open now stays: out of every later collection
     return conns
 
 
@@ -176,13 +179,50 @@ async def close_all(conns: list[Conn], timeout: float = 20.0) -> None:
             c.reader.cancel()
 
 
+class ClientCollector:
+    """This process's garbage collections: how long each one stopped the client.
+
+    A client-side pause delays every frame that arrives during it, so without this a
+    latency the client reports could be its own. The client therefore runs with the
+    server's collector settings (start-up objects frozen, a large young generation; see
+    run.py's `tune_garbage_collector`), and reports the pauses it still had.
+    """
+
+    THRESHOLDS = (50_000, 20, 10)
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def tune(self) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*self.THRESHOLDS)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append(time.perf_counter() - self._started)
+
+    def report(self) -> dict:
+        p = self.pauses
+        return {"client_gc": {"collections": len(p), "max_ms": round(1000 * max(p), 1) if p else 0.0,
+                              "total_ms": round(1000 * sum(p), 1)}}
+
+
+COLLECTOR = ClientCollector()
+
+
 class Window:
-    """The measured window: server CPU and RSS at its start and end."""
+    """The measured window: server CPU and RSS at its start and end; client GC pauses."""
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
 
     def begin(self) -> None:
+        COLLECTOR.pauses.clear()
         self.cpu0, self.t0 = (proc_cpu_s(self.pid) if self.pid else None), clock()
         self.mycpu0 = time.process_time()
 
@@ -193,7 +233,7 @@ class Window:
         return {"wall_s": round(wall, 2), "server_cpu_s": cpu,
                 "server_cpu_pct": round(100 * cpu / wall, 1) if cpu is not None else None,
                 "client_cpu_pct": round(100 * (time.process_time() - self.mycpu0) / wall, 1),
-                "server_rss_kib": proc_kib(self.pid) if self.pid else None}
+                "server_rss_kib": proc_kib(self.pid) if self.pid else None, **COLLECTOR.report()}
 
 
 # ---------------------------------------------------------------- modes
@@ -331,25 +371,32 @@ async def mode_billing(args, plan) -> dict:
     await asyncio.sleep(args.duration)
     t_end = clock()
     win = window.end()
+    # a tick due just before t_end may arrive after it: give it time before counting
+    await asyncio.sleep(min(3.0, 2 * args.tick))
     held = sum(1 for c in conns if c.ws is not None and c.ws.state is State.OPEN)
     tick_ms = int(args.tick * 1000)
     cadence, timer, got, expected = [], [], 0, 0
     for conn in conns:
         if conn.ws is None:
             continue
-        events = [(t, b) for t, b, final in conn.billing if t_start <= t <= t_end and not final]
-        expected += int(args.duration / args.tick)
-        got += len(events)
+        events = [(t, b) for t, b, final in conn.billing if not final]
         if not events:
+            expected += int(args.duration / args.tick)
             continue
         # tick k is due when billable_ms reaches k * tick: the server-side timer lateness is
         # billable_ms - k * tick; the cadence lateness compares each arrival with the best
-        # on-time grid this connection saw (its earliest arrival minus k * tick)
+        # on-time grid this connection saw (its earliest arrival minus k * tick). The ticks
+        # counted are those due on that grid inside the window, whenever they arrived.
         ks = [b // tick_ms for _, b in events]
         offsets = [t - k * args.tick for (t, _), k in zip(events, ks)]
         origin = min(offsets)
-        cadence.extend(o - origin for o in offsets)
-        timer.extend((b - k * tick_ms) / 1000 for (_, b), k in zip(events, ks))
+        due = range(math.ceil((t_start - origin) / args.tick), math.floor((t_end - origin) / args.tick) + 1)
+        expected += len(due)
+        got += len(set(ks).intersection(due))
+        for (_, b), k, offset in zip(events, ks, offsets):
+            if k in due:
+                cadence.append(offset - origin)
+                timer.append((b - k * tick_ms) / 1000)
     await close_all(conns, timeout=60)
     return {"mode": "billing", "connections": len(conns), "opened": opened, "held": held,
             "tick_s": args.tick, "start_s": setup_s, "events": got, "events_expected": expected,

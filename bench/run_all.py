@@ -337,7 +337,8 @@ def scenario_billing(args, work: Path, log: Path, shared: dict) -> list[Row]:
     return [Row(scenario=scen, metric="tick lateness p99 ms", parley=cad.get("p99"), target="≤ 50 ms", digits=1,
                 notes=(f"cadence p50 {cad.get('p50')} max {cad.get('max')} ms; server timer p50 {tim.get('p50')} "
                        f"p99 {tim.get('p99')} ms; events {r.get('events')}/{r.get('events_expected')}; "
-                       f"held {r.get('held')}/{2 * n}; create {setup_s:.0f}s, start {r.get('start_s')}s"
+                       f"held {r.get('held')}/{2 * n}; create {setup_s:.0f}s, start {r.get('start_s')}s; "
+                       f"client CPU {r.get('client_cpu_pct')}%, GC max {r.get('client_gc', {}).get('max_ms')} ms"
                        + errors_note(r.get("errors")) + notes_tail
                        + (f"; FATAL {r['fatal']}" if r.get("fatal") else ""))),
             Row(scenario=scen, metric="server CPU % of a core", parley=r.get("server_cpu_pct"), digits=1,
