@@ -10,6 +10,13 @@ anything in the batch is refused (a conflict, a fenced session), the batch is
 rolled back and replayed one request at a time, each inside its own savepoint,
 so one refused request does not undo its neighbours.
 
+Deadlines: a `write` / `write_many` call is queued with its deadline, and one watcher
+task per actor (`_Deadlines`) wakes a caller still waiting past it with `TooSlowError`
+(its requests stay queued and are written in their turn, as a cancelled caller's are).
+No cancel scope per write; a caller waits only when the queue is full, under a scope of
+its own deadline. The actor answers each request in the Trio thread and wakes each
+caller once, when the last request of its call is answered.
+
 Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
 
