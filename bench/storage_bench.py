@@ -6,8 +6,8 @@ In one process: `storage.actor.StorageActor` over `storage.sqlite_backend.Sqlite
 created the way `POST /api/sessions` creates them (`CreateSession` with its `created`
 timeline entry). Then --writers concurrent Trio tasks, each the one sender of one session
 (its payer), insert messages one after another exactly as `chat.send` stores them
-(`write_many([InsertMessage(message)])` with a fresh id and client_id, awaiting the reply:
-the ack point). Every batch bound given is run in turn; each run stops after --seconds or
+(`write_many([InsertMessage(message)])` with a fresh id made by chat.py's `new_message_id`
+and a fresh client_id, awaiting the reply: the ack point). Every batch bound given is run in turn; each run stops after --seconds or
 --inserts, whichever comes first.
 
 Every answer is checked (the session's next `seq`, not a duplicate), and after each run
@@ -41,6 +41,7 @@ sys.path.insert(0, str(BENCH))
 
 from common import percentiles  # noqa: E402
 
+from actors.session.chat import new_message_id  # noqa: E402
 from domain.chat import ChatMessage  # noqa: E402
 from domain.session import SessionRecord  # noqa: E402
 from domain.timeline import CREATED, TimelineEntry  # noqa: E402
@@ -147,9 +148,10 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
                 nonlocal count
                 session = records[w % len(records)]
                 while count < inserts and trio.current_time() < stop_at:
+                    at = now_ms()
                     message = ChatMessage(  # as actors/session/chat.py: _candidate
-                        id=uuid.uuid4().hex, session_id=session.id, seq=acked[session.id] + 1,
-                        client_id=f"c{acked[session.id] + 1}", sender=session.payer, body=BODY, created_at=now_ms(),
+                        id=new_message_id(at), session_id=session.id, seq=acked[session.id] + 1,
+                        client_id=f"c{acked[session.id] + 1}", sender=session.payer, body=BODY, created_at=at,
                     )
                     start = time.perf_counter()
                     [result] = await storage.write_many([sm.InsertMessage(message=message)], timeout=WRITE_TIMEOUT)

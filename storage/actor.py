@@ -10,6 +10,13 @@ anything in the batch is refused (a conflict, a fenced session), the batch is
 rolled back and replayed one request at a time, each inside its own savepoint,
 so one refused request does not undo its neighbours.
 
+Deadlines: a `write` / `write_many` call is queued with its deadline, and one watcher
+task per actor (`_Deadlines`) wakes a caller still waiting past it with `TooSlowError`
+(its requests stay queued and are written in their turn, as a cancelled caller's are).
+No cancel scope per write; a caller waits only when the queue is full, under a scope of
+its own deadline. The actor answers each request in the Trio thread and wakes each
+caller once, when the last request of its call is answered.
+
 Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
 
@@ -23,6 +30,8 @@ batch or read, so the server recovers by itself once the database is back.
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -66,35 +75,114 @@ class Backend(Protocol):
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
 
-class _Pending:
-    """One queued write and its one-shot answer: lighter than an Event or a memory channel for
-    the hottest path in the server. Answered once by the storage actor (in the Trio thread),
-    which wakes the one task waiting for it, if any; a requester that gave up (cancelled, past
-    its deadline) is not woken."""
+class _Call:
+    """One `write` or `write_many` call: how many of its requests are still unanswered, its
+    deadline, and the one task waiting for the answers. Lighter than a cancel scope, an Event or
+    a memory channel for the hottest path in the server: the storage actor answers requests in
+    the Trio thread and wakes the task once, when the last of its call is answered; its one
+    deadline watcher (`_Deadlines`) wakes it with `TooSlowError` once the deadline has passed.
+    A task that gave up (cancelled from outside, past its deadline) is not woken."""
 
-    __slots__ = ("request", "result", "_task")
+    __slots__ = ("left", "deadline", "expired", "_task")
 
-    def __init__(self, request: m.WriteRequest) -> None:
-        self.request = request
-        self.result: outcome.Outcome | None = None
+    def __init__(self, left: int, deadline: float) -> None:
+        self.left = left
+        self.deadline = deadline
+        self.expired = False
         self._task: trio.lowlevel.Task | None = None
 
-    def set(self, result: outcome.Outcome) -> None:
-        self.result = result
+    def answered(self) -> None:
+        """One of its requests was answered (called by the storage actor, in queue order)."""
+        self.left -= 1
+        if not self.left:
+            task, self._task = self._task, None
+            if task is not None:
+                trio.lowlevel.reschedule(task)
+
+    def expire(self) -> None:
+        """Its deadline passed (the watcher): the waiting task gets `TooSlowError`."""
+        self.expired = True
         task, self._task = self._task, None
         if task is not None:
-            trio.lowlevel.reschedule(task)
+            trio.lowlevel.reschedule(task, outcome.Error(trio.TooSlowError()))
 
-    async def wait(self) -> outcome.Outcome:
-        if self.result is None:
+    async def wait(self) -> None:
+        """Until every request of the call is answered; `TooSlowError` past its deadline."""
+        if self.left:
+            if self.expired:
+                raise trio.TooSlowError
             self._task = trio.lowlevel.current_task()
             await trio.lowlevel.wait_task_rescheduled(self._abort)
-        assert self.result is not None
-        return self.result
 
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
         self._task = None
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _Pending:
+    """One queued write, its answer (the value, or an `outcome.Error` when it was refused), and
+    the call it belongs to."""
+
+    __slots__ = ("request", "result", "call")
+
+    def __init__(self, request: m.WriteRequest, call: _Call) -> None:
+        self.request = request
+        self.result: Any = _UNANSWERED
+        self.call = call
+
+
+_UNANSWERED: Any = object()
+
+
+class _Deadlines:
+    """The storage actor's one deadline watcher, instead of a cancel scope per write.
+
+    Calls are kept in the order they were queued (`calls`); the actor answers requests in
+    that order too, so answered calls leave from the front (`forget_answered`, once per batch),
+    and what is kept is bounded by the write queue and the batch being written. One timer
+    (a cancel scope around `sleep_forever`) is set no later than the earliest deadline kept:
+    when it fires, every call past its deadline is expired, and the timer is set to the
+    earliest deadline left. With nothing kept, the timer is off (no wake-ups when idle)."""
+
+    def __init__(self) -> None:
+        self.calls: deque[_Call] = deque()
+        self._timer = trio.CancelScope()
+
+    def add(self, call: _Call) -> None:
+        self.calls.append(call)
+        if call.deadline < self._timer.deadline:
+            self._timer.deadline = call.deadline
+
+    def forget_answered(self) -> None:
+        calls = self.calls
+        while calls and not calls[0].left:
+            calls.popleft()
+        if not calls:
+            self._timer.deadline = math.inf
+
+    async def watch(self) -> None:
+        while True:
+            with self._timer:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            earliest = math.inf
+            for call in self.calls:
+                if call.left and not call.expired:
+                    if call.deadline <= now:
+                        call.expire()
+                    elif call.deadline < earliest:
+                        earliest = call.deadline
+            self._timer = trio.CancelScope(deadline=earliest)
+
+    def fail_all(self) -> None:
+        """The actor is gone: nobody waits for an answer that cannot come."""
+        for call in self.calls:
+            if call.left:
+                call.left = 0
+                task, call._task = call._task, None
+                if task is not None:
+                    trio.lowlevel.reschedule(task, outcome.Error(StorageUnavailable("storage is shutting down")))
+        self.calls.clear()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,32 +203,53 @@ class StorageHandle:
         self._requests = requests
 
     async def write(self, request: m.Write[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
-        pending = _Pending(request)  # type: ignore[arg-type]
-        with trio.CancelScope(deadline=trio.current_time() + timeout):  # as fail_after, for less
-            await self._queue(pending)
-            return (await pending.wait()).unwrap()
-        raise trio.TooSlowError
+        call = _Call(1, trio.current_time() + timeout)
+        pending = _Pending(request, call)  # type: ignore[arg-type]
+        await self._queue((pending,), call)
+        await call.wait()
+        result = pending.result
+        if type(result) is outcome.Error:
+            result.unwrap()
+        if result is _UNANSWERED:
+            raise StorageUnavailable("storage is shutting down")
+        return result  # type: ignore[no-any-return]
 
     async def write_many(
         self, requests: Sequence[m.Write[R]], *, timeout: float = DEFAULT_TIMEOUT
     ) -> list[outcome.Outcome[R]]:
         """Queue every request, then wait for all: they share group commits. Answers in order,
         each an Outcome (one refused request does not fail the others)."""
-        writes = [_Pending(request) for request in requests]  # type: ignore[arg-type]
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
-            for pending in writes:
-                await self._queue(pending)
-            return [await pending.wait() for pending in writes]
-        raise trio.TooSlowError
+        if not requests:
+            return []
+        call = _Call(len(requests), trio.current_time() + timeout)
+        writes = [_Pending(request, call) for request in requests]  # type: ignore[arg-type]
+        await self._queue(writes, call)
+        await call.wait()
+        results: list[outcome.Outcome[R]] = []
+        for pending in writes:
+            result = pending.result
+            if result is _UNANSWERED:
+                raise StorageUnavailable("storage is shutting down")
+            results.append(result if type(result) is outcome.Error else outcome.Value(result))
+        return results
 
-    async def _queue(self, pending: _Pending) -> None:
+    async def _queue(self, writes: Sequence[_Pending], call: _Call) -> None:
+        """Queue every write of `call` back to back (no checkpoint while the queue has room: one
+        batch, not many), then give the call to the deadline watcher. A full queue is waited on
+        under the call's deadline."""
+        send = self._requests
         try:
-            try:
-                self._requests.send_nowait(pending)  # no checkpoint: one batch, not many
-            except trio.WouldBlock:
-                await self._requests.send(pending)
+            for pending in writes:
+                try:
+                    send.send_nowait(pending)
+                except trio.WouldBlock:
+                    with trio.CancelScope(deadline=call.deadline) as waiting:
+                        await send.send(pending)
+                    if waiting.cancelled_caught:
+                        raise trio.TooSlowError from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StorageUnavailable("storage is shutting down") from None
+        self._actor.deadlines.add(call)
 
     async def read(self, request: m.Read[R], *, timeout: float = DEFAULT_TIMEOUT) -> R:
         with trio.fail_after(timeout):
@@ -186,6 +295,7 @@ class StorageActor:
         self._largest_batch = 0
         self._failed_batches = 0
         self._receive: trio.MemoryReceiveChannel[_Pending] | None = None
+        self.deadlines = _Deadlines()
 
     def statistics(self) -> StorageStatistics:
         queued = self._receive.statistics().current_buffer_used if self._receive else 0
@@ -210,9 +320,13 @@ class StorageActor:
             )
         task_status.started(StorageHandle(self, send))
         try:
-            async with receive:
-                await self._write_loop(receive)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.deadlines.watch)
+                async with receive:
+                    await self._write_loop(receive)
+                nursery.cancel_scope.cancel()
         finally:
+            self.deadlines.fail_all()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self._in_writer_thread(self._close_connections)
 
@@ -235,9 +349,11 @@ class StorageActor:
             results = await self._in_writer_thread(self._apply_batch, [p.request for p in batch])
             metrics.STORAGE_BATCH.observe(len(batch))
             for pending, result in zip(batch, results):
-                pending.set(result)  # a requester past its deadline is not woken
+                pending.result = result
+                pending.call.answered()  # wakes its task once its call is answered; not one that gave up
+            self.deadlines.forget_answered()
 
-    def _apply_batch(self, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+    def _apply_batch(self, requests: list[m.WriteRequest]) -> list[Any]:
         """Runs in the writer thread: one transaction for the whole batch.
 
         Most batches are refused nothing, so they run without savepoints, their chat inserts
@@ -279,29 +395,29 @@ class StorageActor:
         self._largest_batch = max(self._largest_batch, len(requests))
         return results
 
-    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest]) -> list[Any]:
         backend = self.backend
-        results: list[outcome.Outcome] = []
+        results: list[Any] = []
         i, n = 0, len(requests)
         while i < n:
             if type(requests[i]) is m.InsertMessage:
                 j = i + 1
                 while j < n and type(requests[j]) is m.InsertMessage:
                     j += 1
-                results.extend(map(outcome.Value, backend.insert_messages(conn, requests[i:j])))  # type: ignore[arg-type]
+                results.extend(backend.insert_messages(conn, requests[i:j]))  # type: ignore[arg-type]
                 i = j
             else:
-                results.append(outcome.Value(backend.write(conn, requests[i])))
+                results.append(backend.write(conn, requests[i]))
                 i += 1
         return results
 
-    def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[outcome.Outcome]:
+    def _apply_each(self, conn: Any, requests: list[m.WriteRequest]) -> list[Any]:
         backend = self.backend
-        results: list[outcome.Outcome] = []
+        results: list[Any] = []
         for request in requests:
             backend.savepoint(conn)
             try:
-                results.append(outcome.Value(backend.write(conn, request)))
+                results.append(backend.write(conn, request))
             except StorageUnavailable:
                 raise
             except ParleyError as exc:

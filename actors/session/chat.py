@@ -10,7 +10,8 @@ the receiving connection can keep its client's view gapless and duplicate-free
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,12 +32,31 @@ if TYPE_CHECKING:
     from .actor import SessionActor
 
 
+_ID_NODE = int.from_bytes(os.urandom(4), "big")  # this process's part of every id it makes
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(5), "big") >> 1)  # 39 bits to start from
+
+
+def new_message_id(at_ms: int) -> str:
+    """A server-made message id: a UUIDv7 (RFC 9562) in 32 hex digits, as `uuid4().hex` was.
+
+    48 bits of `at_ms` (the message's `created_at`), then a 42-bit counter per process (in the
+    12 `rand_a` bits and 30 of `rand_b`; it starts at random), then 32 random bits drawn once per
+    process. Ids made later in a process sort after earlier ones (the counter, within one
+    millisecond too), so the `messages` id index is appended to instead of written at random,
+    and no two ids of one process are equal; another process differs in its counter's start and
+    its random bits. No system call, no `UUID` object: about a quarter of the time `uuid4().hex` takes."""
+    n = next(_ID_COUNTER) & 0x3FF_FFFF_FFFF
+    return "%032x" % (
+        (at_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (n >> 30) << 64 | 0b10 << 62 | (n & 0x3FFF_FFFF) << 32 | _ID_NODE
+    )
+
+
 def chat_frame(session_id: str, message: ChatMessage) -> ChatFrame:
     text = wire.encode({"type": "chat.message", "session": session_id, **wire.record(message)})
     return ChatFrame(session_id=session_id, seq=message.seq, text=text)
 
 
-def _candidate(s: SessionActor, message: SendChat) -> ChatMessage:
+def _candidate(s: SessionActor, message: SendChat, seq_hint: int) -> ChatMessage:
     session = s.session
     assert session is not None
     caller = message.caller
@@ -48,14 +68,15 @@ def _candidate(s: SessionActor, message: SendChat) -> ChatMessage:
         raise Forbidden("only participants may write to this session's chat")
     if session.state not in (ACTIVE, SCHEDULED):
         raise Conflict(f"the session is {session.state}", state=session.state)
+    created_at = s.now_ms()
     return ChatMessage(
-        id=uuid.uuid4().hex,
+        id=new_message_id(created_at),
         session_id=s.session_id,
-        seq=s.last_seq + 1,  # a hint: the database hands out the real one
+        seq=seq_hint,  # a hint (right unless another writer numbered some): the database hands out the real one
         client_id=message.client_id,
         sender=caller.user,
         body=message.body,
-        created_at=s.now_ms(),
+        created_at=created_at,
     )
 
 
@@ -64,7 +85,7 @@ async def send(s: SessionActor, batch: list[SendChat]) -> None:
     accepted: list[tuple[SendChat, ChatMessage]] = []
     for message in batch:
         try:
-            accepted.append((message, _candidate(s, message)))
+            accepted.append((message, _candidate(s, message, s.last_seq + len(accepted) + 1)))
         except ParleyError as exc:
             s.reply(message.reply, exc)
     if not accepted:
@@ -80,20 +101,23 @@ async def send(s: SessionActor, batch: list[SendChat]) -> None:
         for message, _ in accepted:  # the actor is going down: nobody waits for nothing
             s.reply(message.reply, Internal("the session failed; try again"))
         raise
+    new = 0
     for (message, _), result in zip(accepted, results):
         try:
             stored, duplicate = result.unwrap()
         except ParleyError as exc:
             s.reply(message.reply, exc)
             continue
+        new += not duplicate
         _stored(s, message, stored, duplicate)
+    if new:
+        metrics.CHAT_MESSAGES.inc(new)  # once a batch: the counter takes a lock
 
 
 def _stored(s: SessionActor, message: SendChat, stored: ChatMessage, duplicate: bool) -> None:
     sender = message.caller.user
     if not duplicate:
         s.last_seq = max(s.last_seq, stored.seq)
-        metrics.CHAT_MESSAGES.inc()
     s.reply(message.reply, ChatAccepted(session_id=s.session_id, message=stored, duplicate=duplicate))
     if duplicate:
         return

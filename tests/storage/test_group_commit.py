@@ -137,3 +137,12 @@ async def test_the_next_batch_after_a_replay_is_grouped_again(store: Store):
     assert backend.runs == [3] and backend.savepoints == 0
     assert [(m.seq, dup) for m, dup in again] == [(3, False), (4, False), (3, True)]
     assert seqs(store, "a") == [1, 2, 3, 4]
+
+
+def test_a_chat_insert_reports_no_webhook_event():
+    """`insert_messages` writes no outbox rows for its run: if chat inserts ever report a webhook
+    event, that method must write it in the run's transaction as `write` does."""
+    from storage.sqlite_backend import SqliteBackend
+
+    request = chat("a", "a1")
+    assert SqliteBackend(":memory:")._events_of(None, request, (request.message, False)) == []
