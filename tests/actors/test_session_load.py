@@ -1,0 +1,86 @@
+"""What a session actor knows once loaded: the chat marks it keeps in memory must say what
+storage says, so the offline queue after a join starts right after the acknowledged mark
+(no gap, no duplicate), whether the actor loaded it or raised it itself."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from actors.session.fencing import SessionStorage
+from parley_client import RequestError
+from storage import messages as sm
+
+
+async def _send(client, sid: str, count: int) -> None:
+    for n in range(1, count + 1):
+        await client.request("chat.send", session=sid, client_id=str(n), body=f"m{n}")
+
+
+async def _rejoin_backlog(w, user: str, sid: str) -> list[int]:
+    """Connect as `user`, join, and return the seqs of the offline queue that follows the ok."""
+    client, _, _ = await w.client(user)
+    await client.send_raw({"type": "join", "ref": "j", "session": sid})
+    first = await client.next_event()
+    assert first["type"] == "ok" and first["ref"] == "j", first
+    await client.request("ping")  # the backlog, if any, came before this answer
+    return [m["seq"] for m in client.pending_events("chat.message")]
+
+
+async def test_marks_stored_before_the_actor_started_shape_the_first_join(autojump_clock, world):
+    with trio.fail_after(10):
+        async with world() as w:
+            sid = await w.create_session()
+            alice, alice_ws, _ = await w.client("alice")
+            await alice.request("join", session=sid)
+            await _send(alice, sid, 3)
+            await w.storage.write(sm.RaiseMark(session_id=sid, user="bob", kind="delivered", seq=2))
+            await alice_ws.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await w.supervisor.snapshot()).sessions == ()  # retired: the next join loads it
+            assert await _rejoin_backlog(w, "bob", sid) == [3]
+
+
+async def test_a_receipt_raised_through_the_live_session_shapes_the_next_join(autojump_clock, world):
+    with trio.fail_after(10):
+        async with world() as w:
+            sid = await w.create_session()
+            alice, _, _ = await w.client("alice")
+            await alice.request("join", session=sid)
+            assert await _rejoin_backlog(w, "bob", sid) == []
+            await _send(alice, sid, 4)
+            bob, bob_ws, _ = await w.client("bob")
+            await bob.request("join", session=sid)
+            await bob.request("chat.receipt", session=sid, kind="read", seq=3)
+            await bob_ws.aclose()
+            assert await _rejoin_backlog(w, "bob", sid) == [4]  # the session stayed up (alice)
+
+
+async def test_a_receipt_stored_whose_answer_timed_out_still_counts_at_the_next_join(
+    autojump_clock, world, monkeypatch
+):
+    """The write committed but its requester gave up waiting: the session cannot know which
+    mark storage holds, so the next join of that user must not trust what it remembers."""
+    with trio.fail_after(10):
+        async with world() as w:
+            sid = await w.create_session()
+            alice, _, _ = await w.client("alice")
+            await alice.request("join", session=sid)
+            await _send(alice, sid, 4)
+            bob, bob_ws, _ = await w.client("bob")
+            await bob.request("join", session=sid)
+            await bob.request("chat.receipt", session=sid, kind="delivered", seq=1)
+            write = SessionStorage.write
+
+            async def stored_then_timed_out(self, request, **kwargs):
+                result = await write(self, request, **kwargs)
+                if isinstance(request, sm.RaiseMark):
+                    raise trio.TooSlowError
+                return result
+
+            monkeypatch.setattr(SessionStorage, "write", stored_then_timed_out)
+            with pytest.raises(RequestError):
+                await bob.request("chat.receipt", session=sid, kind="delivered", seq=3)
+            monkeypatch.undo()
+            await bob_ws.aclose()
+            assert await _rejoin_backlog(w, "bob", sid) == [4]
