@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import trio
 
@@ -84,10 +86,19 @@ class SupervisorSnapshot:
 
 
 class SupervisorHandle:
-    """The in-process session directory, and the supervisor's few requests."""
+    """The in-process session directory, and the supervisor's few requests.
 
-    def __init__(self, mailbox: trio.MemorySendChannel[_Message]) -> None:
+    A lookup of a session whose actor is serving is answered from the registry itself, a
+    read-only view the supervisor's loop alone changes (one thread: a read between two
+    checkpoints sees it whole), with no round trip through the loop; only a miss, or an
+    actor that retired, asks the loop to start one. A handle that retires just after is
+    what every holder already copes with (`SessionGone`: look it up again)."""
+
+    def __init__(
+        self, mailbox: trio.MemorySendChannel[_Message], registry: Mapping[str, SessionHandle] | None = None
+    ) -> None:
         self._mailbox = mailbox
+        self._registry: Mapping[str, SessionHandle] = {} if registry is None else registry
 
     async def _ask(self, make: type, *args: object) -> object:
         send, receive = trio.open_memory_channel[object](1)
@@ -96,7 +107,11 @@ class SupervisorHandle:
             return await receive.receive()
 
     async def lookup(self, session_id: str) -> SessionHandle:
-        """A handle to the session's live actor, starting one if none is running."""
+        """A handle to the session's live actor, starting one if none is running. (A serving
+        one is found without a checkpoint: the caller's next step is a send to it, which is one.)"""
+        handle = self._registry.get(session_id)
+        if handle is not None and not handle.retired:
+            return handle
         handle = await self._ask(_Lookup, session_id)
         assert isinstance(handle, SessionHandle)
         return handle
@@ -124,7 +139,7 @@ class Supervisor:
 
     @property
     def handle(self) -> SupervisorHandle:
-        return SupervisorHandle(self._mailbox_send)
+        return SupervisorHandle(self._mailbox_send, MappingProxyType(self._sessions))
 
     async def run(
         self,

@@ -84,3 +84,18 @@ async def test_a_receipt_stored_whose_answer_timed_out_still_counts_at_the_next_
             monkeypatch.undo()
             await bob_ws.aclose()
             assert await _rejoin_backlog(w, "bob", sid) == [4]
+
+
+async def test_lookups_share_a_serving_actor_and_one_after_it_retired_starts_another(autojump_clock, world):
+    from actors.session.actor import IDLE_GRACE
+
+    with trio.fail_after(30):
+        async with world() as w:
+            sid = await w.create_session()
+            first = await w.supervisor.lookup(sid)
+            assert await w.supervisor.lookup(sid) is first
+            await trio.sleep(IDLE_GRACE + 1)
+            assert first.retired
+            again = await w.supervisor.lookup(sid)
+            assert again is not first and not again.retired
+            assert (await w.supervisor.snapshot()).sessions == (sid,)
