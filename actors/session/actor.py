@@ -321,12 +321,16 @@ class SessionActor:
                 await self._dispatch(self._taken.popleft())
             else:
                 deadline = self._next_deadline()
-                if deadline == math.inf:  # the common case: no timer to arm
-                    message = await self.mailbox.receive()
-                else:
-                    message = None
-                    with trio.move_on_at(deadline):
+                # a message already queued is taken without a reschedule (unless a deadline has
+                # passed: that comes first), so the messages a pass of the billing clock or a burst
+                # of frames queued together are handled together (their writes share a commit)
+                message = self._queued_nowait() if deadline > trio.current_time() else None
+                if message is None:
+                    if deadline == math.inf:  # the common case: no timer to arm
                         message = await self.mailbox.receive()
+                    else:
+                        with trio.move_on_at(deadline):
+                            message = await self.mailbox.receive()
                 if message is None:
                     await self._on_deadline()
                 else:
@@ -342,6 +346,12 @@ class SessionActor:
                 if not self._take_one_nowait():
                     self.mailbox.close()
                     return
+
+    def _queued_nowait(self) -> SessionMessage | None:
+        try:
+            return self.mailbox.receive_nowait()
+        except trio.WouldBlock:
+            return None
 
     def _take_one_nowait(self) -> bool:
         try:
