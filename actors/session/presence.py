@@ -94,12 +94,9 @@ async def join(s: SessionActor, message: JoinSession) -> None:
             session_id=s.session_id, at=now_ms, kind=timeline.REPLACED, actor=conn.user,
             detail={"connection": previous.conn.id, "by": conn.id},
         ))
-    recorded: tuple[timeline.TimelineEntry, ...] = tuple(entries)
-    if s.ctx.ownership is not None:
-        # a cluster: this write is also the fencing check, so a node that lost the session
-        # refuses the join rather than accepting one it cannot keep
-        await s.storage.write(sm.AppendTimeline(entries=recorded))
-        recorded = ()
+    # durable before the ok: a join storage cannot record is refused cleanly (and retried),
+    # and in a cluster this write is the fencing check that keeps a stale owner from taking it
+    await s.storage.write(sm.AppendTimeline(entries=tuple(entries)))
     if previous is not None:
         s.deliver(previous.conn, wire.event("replaced", session=s.session_id))
     s.members[conn.user] = Member(conn=conn, alive_ms=now_ms)
@@ -110,9 +107,7 @@ async def join(s: SessionActor, message: JoinSession) -> None:
     s.deliver(conn, ChatCursor(session_id=s.session_id, after_seq=marks.delivered_seq, last_seq=s.last_seq))
     s.broadcast(wire.event("presence", session=s.session_id, user=conn.user, state="joined"), exclude=conn.user)
     was_billing = s.ledger is not None and s.ledger.is_open
-    # as a leave's: the timeline rows after the ok, in the write that checkpoints the bill
-    # when this join opens a billable segment (one write, not two)
-    await billing.record_presence(s, now_ms, extra=recorded)
+    await billing.record_presence(s, now_ms)
     if was_billing and conn.user in (session.payer, session.provider):
         s.deliver(conn, billing.billing_frame(s, now_ms))  # the meter where it stands
 
