@@ -123,3 +123,18 @@ async def test_joins_are_on_the_timeline_in_order_the_one_opening_billing_before
     assert kinds == [("created", "admin"), ("started", "admin"), ("joined", "alice"), ("joined", "bob"),
                      ("billing_started", "server")]
     assert timeline[3].at == timeline[4].at == timeline[2].at + 1000
+
+
+def test_a_cursor_is_taken_at_once_only_with_no_backlog():
+    from actors.offline_queue import OfflineQueue
+    from actors.ports import ChatCursor, ChatFrame
+
+    async def never(*_):
+        raise AssertionError("nothing is sent or read for a cursor taken at once")
+
+    queue = OfflineQueue(None, never, never)  # type: ignore[arg-type]
+    assert not queue.cursor_nowait(ChatCursor(session_id="s", after_seq=2, last_seq=5))  # 3..5 to stream
+    assert queue.in_order(ChatFrame(session_id="s", seq=9, text="x"))  # nothing was taken
+    assert queue.cursor_nowait(ChatCursor(session_id="s", after_seq=5, last_seq=5))
+    assert queue.in_order(ChatFrame(session_id="s", seq=6, text=None))
+    assert not queue.in_order(ChatFrame(session_id="s", seq=7, text=None))
