@@ -261,14 +261,14 @@ class SessionSnapshot:
 
     session: SessionRecord
     last_seq: int
-    billing: BillingState | None
+    billing: BillingState | None  # an active session's (None otherwise: nothing is billing)
     marks: tuple[tuple[str, Marks], ...]  # (user, marks) of every user with a stored mark
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadSession(Read[SessionSnapshot]):
-    """→ SessionSnapshot, or NotFound: `GetSession`, `GetChatState` and `GetBilling` (and every
-    participant's marks) in one round trip."""
+    """→ SessionSnapshot, or NotFound: `GetSession`, `GetChatState`, `GetBilling` of an active
+    session and every participant's marks, in one round trip."""
 
     session_id: str
 

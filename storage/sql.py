@@ -678,7 +678,7 @@ class SqlBackend(WebhookSql):
         return m.SessionSnapshot(
             session=session,
             last_seq=self._last_seq(conn, session_id),
-            billing=self._get_billing(conn, session_id),
+            billing=self._get_billing(conn, session_id) if session.state == lifecycle.ACTIVE else None,
             marks=tuple((r[0], Marks(delivered_seq=r[1], read_seq=r[2])) for r in rows),
         )
 

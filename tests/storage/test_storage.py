@@ -537,4 +537,4 @@ async def test_loading_a_session_is_one_read_with_what_three_reads_gave(store: S
     assert loaded.last_seq == last_seq == 3
     assert loaded.billing == billing and loaded.billing is not None and loaded.billing.billable_ms == 60_000
     assert dict(loaded.marks) == {"bob": bob, "alice": Marks(delivered_seq=3)} and bob == Marks(delivered_seq=2, read_seq=2)
-    assert (fresh.last_seq, fresh.marks, fresh.billing.billable_ms if fresh.billing else None) == (0, (), 0)
+    assert (fresh.session.state, fresh.last_seq, fresh.marks, fresh.billing) == ("scheduled", 0, (), None)
