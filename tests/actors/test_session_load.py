@@ -138,3 +138,21 @@ def test_a_cursor_is_taken_at_once_only_with_no_backlog():
     assert queue.cursor_nowait(ChatCursor(session_id="s", after_seq=5, last_seq=5))
     assert queue.in_order(ChatFrame(session_id="s", seq=6, text=None))
     assert not queue.in_order(ChatFrame(session_id="s", seq=7, text=None))
+
+
+async def test_two_lookups_racing_for_a_session_share_its_actor(autojump_clock, world):
+    with trio.fail_after(10):
+        async with world() as w:
+            sid = await w.create_session()
+            found = []
+
+            async def look() -> None:
+                await trio.lowlevel.checkpoint()  # both start before either looks
+                found.append(await w.supervisor.lookup(sid))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(look)
+            first, second = found
+            assert first is second
+            assert (await w.supervisor.snapshot()).sessions == (sid,)
