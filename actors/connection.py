@@ -163,12 +163,13 @@ async def _hello(
         return None
     except ConnectionClosed:
         return None
-    try:
-        await ws.send_message(wire.event(
-            "welcome", user=identity.user, connection=conn_id, heartbeat=ctx.settings.heartbeat,
-        ))
-    except ConnectionClosed:
-        return None
+    welcome = wire.event("welcome", user=identity.user, connection=conn_id, heartbeat=ctx.settings.heartbeat)
+    live: LiveSocket = ws  # type: ignore[assignment]  # the listener's _ServerWebSocket
+    if not live.try_send_nowait(welcome):  # written at once, as the writer's frames are
+        try:
+            await ws.send_message(welcome)
+        except ConnectionClosed:
+            return None
     return identity
 
 
@@ -278,9 +279,10 @@ class Connection:
         """The post office's first look at every item for this connection (sync, never waits).
         When the writer is idle (nothing queued, nothing in hand, so the offline queue's state
         is settled), a plain frame, or a chat message that is next in `seq`, is written at
-        once, from the delivering task straight to this socket. Anything else is queued for
-        the writer, and the writer is no longer idle from that instant on, so a later frame
-        can never overtake it."""
+        once, from the delivering task straight to this socket (and a join's cursor with no
+        backlog only moves the offline queue's next `seq`). Anything else is queued for the
+        writer, and the writer is no longer idle from that instant on, so a later frame can
+        never overtake it."""
         if self._writer_idle:
             if type(item) is str:
                 if self._write_now(item):
@@ -289,6 +291,8 @@ class Connection:
                 if item.text is None or self._write_now(item.text):
                     self._chat.sent(item)
                     return True
+            elif type(item) is ChatCursor and self._chat.cursor_nowait(item):
+                return True  # a join with no backlog: nothing to write
         self._writer_idle = False
         return False
 

@@ -45,6 +45,15 @@ class OfflineQueue:
         if cursor.last_seq >= next_seq:
             await self._fill(cursor.session_id, cursor.last_seq)
 
+    def cursor_nowait(self, cursor: ChatCursor) -> bool:
+        """`cursor` at once when it has nothing to stream (the client has seen every message:
+        the common join); False, with nothing changed, when its backlog must be sent first."""
+        next_seq = max(self._next.get(cursor.session_id, 0), cursor.after_seq + 1)
+        if cursor.last_seq >= next_seq:
+            return False
+        self._next[cursor.session_id] = next_seq
+        return True
+
     def in_order(self, frame: ChatFrame) -> bool:
         """The frame is the next one this client should see (or the first of its session here):
         it can go out as it is, with no fill from storage and nothing to drop."""

@@ -1,9 +1,11 @@
 """The supervisor: owner of the registry of live session actors (the local `SessionDirectory`).
 
-Only its loop touches the registry; everybody else sends it messages through
-`SupervisorHandle`. It never awaits a session actor: a new actor is created
-synchronously and loads its state in its own task, so one slow session cannot
-stall lookups of the others.
+The registry changes only in sync code, each change whole: a lookup (find, or start
+the session's actor), which runs in the caller's own task without a round trip
+through the loop, and the loop's handling of exit notices. Everybody else reaches it
+through `SupervisorHandle`. It never awaits a session actor: a new actor is created
+synchronously and loads its state in its own task, so one slow session cannot stall
+lookups of the others.
 
 Whether an actor still takes messages is the actor's own decision (it closes its
 mailbox); the registry only ever reads that from the handle. Every actor's exit
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import trio
+
+from domain.errors import StorageUnavailable
 
 from .billing_clock import BillingClock
 from .post_office import PostOffice
@@ -51,12 +56,6 @@ class RestartIntensityExceeded(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Lookup:
-    session_id: str
-    reply: trio.MemorySendChannel[SessionHandle]
-
-
-@dataclass(frozen=True, slots=True)
 class _SessionExited:
     session_id: str
     handle: SessionHandle
@@ -75,7 +74,7 @@ class _FlushAll:
     done: trio.MemorySendChannel[None]
 
 
-_Message = _Lookup | _SessionExited | _Snapshot | _FlushAll
+_Message = _SessionExited | _Snapshot | _FlushAll
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,10 +83,19 @@ class SupervisorSnapshot:
 
 
 class SupervisorHandle:
-    """The in-process session directory, and the supervisor's few requests."""
+    """The in-process session directory, and the supervisor's few requests.
 
-    def __init__(self, mailbox: trio.MemorySendChannel[_Message]) -> None:
+    A lookup is the supervisor's own sync `lookup_nowait`, run in the caller's task: no
+    round trip through the loop, and two callers racing for one session (the payer and
+    the provider connecting together) share the actor the first one started. A handle
+    that retires just after is what every holder already copes with (`SessionGone`:
+    look it up again)."""
+
+    def __init__(
+        self, mailbox: trio.MemorySendChannel[_Message], lookup_nowait: Callable[[str], SessionHandle]
+    ) -> None:
         self._mailbox = mailbox
+        self._lookup_nowait = lookup_nowait
 
     async def _ask(self, make: type, *args: object) -> object:
         send, receive = trio.open_memory_channel[object](1)
@@ -96,10 +104,9 @@ class SupervisorHandle:
             return await receive.receive()
 
     async def lookup(self, session_id: str) -> SessionHandle:
-        """A handle to the session's live actor, starting one if none is running."""
-        handle = await self._ask(_Lookup, session_id)
-        assert isinstance(handle, SessionHandle)
-        return handle
+        """A handle to the session's live actor, starting one if none is running. (No
+        checkpoint: the caller's next step is a send to it, which is one.)"""
+        return self._lookup_nowait(session_id)
 
     async def snapshot(self) -> SupervisorSnapshot:
         snapshot = await self._ask(_Snapshot)
@@ -124,7 +131,17 @@ class Supervisor:
 
     @property
     def handle(self) -> SupervisorHandle:
-        return SupervisorHandle(self._mailbox_send)
+        return SupervisorHandle(self._mailbox_send, self.lookup_nowait)
+
+    def lookup_nowait(self, session_id: str) -> SessionHandle:
+        """The session's live actor, started if none is: sync, so nothing comes between the
+        look and the start. StorageUnavailable once the supervisor is shutting down."""
+        handle = self._sessions.get(session_id)
+        if handle is None or handle.retired:
+            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+                raise StorageUnavailable("the server is shutting down; try again")
+            handle = self._spawn(session_id)
+        return handle
 
     async def run(
         self,
@@ -148,11 +165,6 @@ class Supervisor:
 
     def _handle(self, message: _Message) -> None:
         match message:
-            case _Lookup(session_id=session_id, reply=reply):
-                handle = self._sessions.get(session_id)
-                if handle is None or handle.retired:
-                    handle = self._spawn(session_id)
-                reply.send_nowait(handle)
             case _SessionExited(session_id=session_id, handle=handle, crashed=crashed, active=active):
                 if self._sessions.get(session_id) is handle:
                     del self._sessions[session_id]

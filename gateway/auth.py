@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ log = logging.getLogger("parley.auth")
 ALGORITHM = "HS256"
 SECRET_FILE = "secret"
 MAX_USER_CHARS = 128
+CACHE_SIZE = 4096  # accepted tokens remembered (a few hundred bytes each)
 TIME_CLAIMS = ("exp", "iat", "nbf")  # NumericDate (RFC 7519 section 2): a JSON number, never a string
 
 
@@ -44,13 +46,39 @@ def mint_token(secret: str, user: str, *, admin: bool = False, ttl: int = 3600) 
 
 
 class TokenVerifier:
-    def __init__(self, secret: str) -> None:
+    """Verifies tokens, remembering the ones it accepted (bounded, least recently used out).
+
+    Reconnects and REST calls present the same token again and again, and a PyJWT decode
+    costs 40–130 µs. What a decode checks cannot change for a given token string and secret
+    except with time, and time only ends validity (`nbf`/`iat` in the future are refused and
+    never remembered): so a remembered token is accepted without a decode until its `exp`,
+    by PyJWT's own rule (expired once `int(exp) <= now`), and refused from then on. Refused
+    tokens are never remembered."""
+
+    def __init__(self, secret: str, *, cache_size: int = CACHE_SIZE) -> None:
         self._secret = secret
+        self._cache_size = cache_size
+        self._accepted: collections.OrderedDict[str, tuple[Identity, int]] = collections.OrderedDict()
 
     def __call__(self, token: str) -> Identity:
         """The token's identity, or Unauthorized saying why not."""
         if not token:
             raise Unauthorized("missing token")
+        accepted = self._accepted.get(token)
+        if accepted is not None:
+            identity, exp = accepted
+            if time.time() < exp:
+                self._accepted.move_to_end(token)
+                return identity
+            del self._accepted[token]
+            raise Unauthorized("token expired")
+        identity, exp = self._verify(token)
+        self._accepted[token] = (identity, exp)
+        if len(self._accepted) > self._cache_size:
+            self._accepted.popitem(last=False)
+        return identity
+
+    def _verify(self, token: str) -> tuple[Identity, int]:
         try:
             claims = jwt.decode(
                 token, self._secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}
@@ -68,4 +96,4 @@ class TokenVerifier:
             raise Unauthorized("invalid token: `sub` must be a non-empty string")
         if role not in ("user", "admin"):
             raise Unauthorized("invalid token: `role` must be user or admin")
-        return Identity(user=user, is_admin=role == "admin")
+        return Identity(user=user, is_admin=role == "admin"), int(claims["exp"])

@@ -256,6 +256,24 @@ class GetChatState(Read[tuple[int, Marks]]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SessionSnapshot:
+    """What a session actor starts from: its session, last chat seq, bill and chat marks."""
+
+    session: SessionRecord
+    last_seq: int
+    billing: BillingState | None  # an active session's (None otherwise: nothing is billing)
+    marks: tuple[tuple[str, Marks], ...]  # (user, marks) of every user with a stored mark
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadSession(Read[SessionSnapshot]):
+    """→ SessionSnapshot, or NotFound: `GetSession`, `GetChatState`, `GetBilling` of an active
+    session and every participant's marks, in one round trip."""
+
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GetBilling(Read[BillingState | None]):
     """→ BillingState | None."""
 
@@ -295,6 +313,7 @@ ReadRequest = (
     | GetMessages
     | GetMessage
     | GetChatState
+    | LoadSession
     | GetBilling
     | GetTimeline
     | GetIdempotentReply

@@ -564,12 +564,9 @@ class SqlBackend(WebhookSql):
             case m.GetMessage(session_id=session_id, message_id=message_id):
                 return self._get_message(conn, session_id, message_id)
             case m.GetChatState(session_id=session_id, user=user):
-                row = self._execute(
-                    conn,
-                    "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = ?",
-                    (session_id,),
-                ).fetchone()
-                return row[0], self._get_marks(conn, session_id, user)
+                return self._last_seq(conn, session_id), self._get_marks(conn, session_id, user)
+            case m.LoadSession(session_id=session_id):
+                return self._load_session(conn, session_id)
             case m.GetBilling(session_id=session_id):
                 return self._get_billing(conn, session_id)
             case m.GetTimeline(session_id=session_id, limit=limit):
@@ -667,6 +664,24 @@ class SqlBackend(WebhookSql):
         if row is None:
             raise NotFound(f"no message {message_id} in session {session_id}")
         return message_from_row(row)
+
+    def _last_seq(self, conn: Connection, session_id: str) -> int:
+        row = self._execute(
+            conn, "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return row[0]
+
+    def _load_session(self, conn: Connection, session_id: str) -> m.SessionSnapshot:
+        session = self._get_session(conn, session_id)
+        rows = self._execute(
+            conn, "SELECT user_id, delivered_seq, read_seq FROM marks WHERE session_id = ?", (session_id,)
+        ).fetchall()
+        return m.SessionSnapshot(
+            session=session,
+            last_seq=self._last_seq(conn, session_id),
+            billing=self._get_billing(conn, session_id) if session.state == lifecycle.ACTIVE else None,
+            marks=tuple((r[0], Marks(delivered_seq=r[1], read_seq=r[2])) for r in rows),
+        )
 
     def _get_marks(self, conn: Connection, session_id: str, user: str) -> Marks:
         row = self._execute(

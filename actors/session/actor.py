@@ -39,6 +39,7 @@ import trio
 
 from domain import audit, metrics
 from domain.billing import Ledger
+from domain.chat import Marks
 from domain.errors import Fenced, Forbidden, Internal, NotFound, ParleyError, StorageUnavailable
 from domain.identity import Identity
 from domain.session import ACTIVE, CANCELLED, ENDED, SessionRecord
@@ -158,6 +159,12 @@ class SessionActor:
     session: SessionRecord | None = None
     members: dict[str, Member] = field(default_factory=dict)
     last_seq: int = 0
+    # chat marks as stored, per user (absent: none stored), so a join needs no read. This
+    # actor is their only writer (`chat.receipt`; a newer owner fences its writes); a user
+    # whose last raise may have committed unanswered (the write failed or timed out) is in
+    # `marks_unsure` and read from storage again at its next join (`presence.marks_of`)
+    marks: dict[str, Marks] = field(default_factory=dict)
+    marks_unsure: set[str] = field(default_factory=set)
     ledger: Ledger | None = None
     billing_final: bool = False
     orphan_since: float | None = None  # Trio time since nobody is joined (active sessions)
@@ -258,9 +265,10 @@ class SessionActor:
             epoch = await self.ctx.ownership.claim(self.session_id)
             assert self._storage is not None
             self._storage.epoch = epoch
-        self.session = await storage.read(sm.GetSession(session_id=self.session_id))
-        self.last_seq, _ = await storage.read(sm.GetChatState(session_id=self.session_id, user=""))
-        state = await storage.read(sm.GetBilling(session_id=self.session_id)) if self.session.state == ACTIVE else None
+        loaded = await storage.read(sm.LoadSession(session_id=self.session_id))  # one round trip
+        self.session, self.last_seq = loaded.session, loaded.last_seq
+        self.marks = dict(loaded.marks)
+        state = loaded.billing if self.session.state == ACTIVE else None
         latest = max(
             [t for t in (self.session.started_at, self.session.created_at) if t is not None]
             + ([state.checkpoint_at] if state and state.checkpoint_at else [])
@@ -313,12 +321,16 @@ class SessionActor:
                 await self._dispatch(self._taken.popleft())
             else:
                 deadline = self._next_deadline()
-                if deadline == math.inf:  # the common case: no timer to arm
-                    message = await self.mailbox.receive()
-                else:
-                    message = None
-                    with trio.move_on_at(deadline):
+                # a message already queued is taken without a reschedule (unless a deadline has
+                # passed: that comes first), so the messages a pass of the billing clock or a burst
+                # of frames queued together are handled together (their writes share a commit)
+                message = self._queued_nowait() if deadline > trio.current_time() else None
+                if message is None:
+                    if deadline == math.inf:  # the common case: no timer to arm
                         message = await self.mailbox.receive()
+                    else:
+                        with trio.move_on_at(deadline):
+                            message = await self.mailbox.receive()
                 if message is None:
                     await self._on_deadline()
                 else:
@@ -334,6 +346,12 @@ class SessionActor:
                 if not self._take_one_nowait():
                     self.mailbox.close()
                     return
+
+    def _queued_nowait(self) -> SessionMessage | None:
+        try:
+            return self.mailbox.receive_nowait()
+        except trio.WouldBlock:
+            return None
 
     def _take_one_nowait(self) -> bool:
         try:

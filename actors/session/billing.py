@@ -101,10 +101,12 @@ def _push(s: SessionActor, now_ms: int, **extra: Any) -> None:
 
 async def record_presence(s: SessionActor, at_ms: int, **kwargs: Any) -> None:
     """Timeline and billing checkpoint of a join or leave that was already answered `ok`:
-    a storage failure here is logged, not answered a second time with the same ref."""
+    a storage failure here is logged, not answered a second time with the same ref (a
+    refusal because another node owns the session now makes the actor give it up after
+    this message, see `SessionActor._serve`)."""
     try:
         await update(s, at_ms, **kwargs)
-    except (StorageUnavailable, trio.TooSlowError) as exc:
+    except (StorageUnavailable, Fenced, trio.TooSlowError) as exc:
         log.error("session %s: presence change not recorded: %s", s.session_id, exc)
 
 

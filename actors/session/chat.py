@@ -158,9 +158,12 @@ async def receipt(s: SessionActor, message: RaiseReceipt) -> None:
     if message.seq > s.last_seq:
         raise BadRequest(f"seq {message.seq} is beyond the last message ({s.last_seq})")
     user = message.conn.user
+    s.marks_unsure.add(user)  # until storage answers: it may commit without telling us
     marks = await s.storage.write(sm.RaiseMark(
         session_id=s.session_id, user=user, kind=message.kind, seq=message.seq,
     ))
+    s.marks[user] = marks
+    s.marks_unsure.discard(user)
     mark = marks.read_seq if message.kind == "read" else marks.delivered_seq
     s.reply(message.reply, MarksRaised(delivered_seq=marks.delivered_seq, read_seq=marks.read_seq))
     if mark == message.seq:  # a stale receipt (below the mark) tells nobody anything new

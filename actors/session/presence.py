@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from domain import timeline
+from domain.chat import Marks
 from domain.clock import iso
 from domain.errors import Conflict, Forbidden, NotJoined
 from domain.identity import Identity
@@ -61,6 +62,17 @@ def joined_reply(s: SessionActor) -> Joined:
     return Joined(session=s.session, participants=tuple(sorted(s.members)), last_seq=s.last_seq)
 
 
+async def marks_of(s: SessionActor, user: str) -> Marks:
+    """`user`'s stored marks: as this actor last stored or loaded them, or read again when a
+    raise of them may have committed without an answer."""
+    if user in s.marks_unsure:
+        _, marks = await s.storage.read(sm.GetChatState(session_id=s.session_id, user=user))
+        s.marks[user] = marks
+        s.marks_unsure.discard(user)
+        return marks
+    return s.marks.get(user) or Marks()
+
+
 async def join(s: SessionActor, message: JoinSession) -> None:
     session = s.session
     assert session is not None
@@ -72,7 +84,7 @@ async def join(s: SessionActor, message: JoinSession) -> None:
     if previous is not None and previous.conn.id == conn.id:
         s.reply(message.reply, joined_reply(s))
         return
-    _, marks = await s.storage.read(sm.GetChatState(session_id=s.session_id, user=conn.user))
+    marks = await marks_of(s, conn.user)
     now_ms = s.now_ms()
     entries = [timeline.TimelineEntry(
         session_id=s.session_id, at=now_ms, kind=timeline.JOINED, actor=conn.user, detail={"connection": conn.id},
@@ -82,6 +94,8 @@ async def join(s: SessionActor, message: JoinSession) -> None:
             session_id=s.session_id, at=now_ms, kind=timeline.REPLACED, actor=conn.user,
             detail={"connection": previous.conn.id, "by": conn.id},
         ))
+    # durable before the ok: a join storage cannot record is refused cleanly (and retried),
+    # and in a cluster this write is the fencing check that keeps a stale owner from taking it
     await s.storage.write(sm.AppendTimeline(entries=tuple(entries)))
     if previous is not None:
         s.deliver(previous.conn, wire.event("replaced", session=s.session_id))

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from domain.chat import ChatMessage
+from domain.chat import ChatMessage, Marks
 from domain.errors import BadRequest, Conflict, Internal, NotFound, StorageUnavailable
 from domain.session import SessionRecord
 from domain.timeline import BILLING_GAP, CREATED, TimelineEntry
@@ -509,3 +509,32 @@ async def test_server_degrades_while_storage_fails_and_heals_without_restart(sto
                     assert client.pending_events("error") == [], client.pending_events("error")
             listing = await http.get("/api/sessions", headers=auth("admin", True))
             assert len(listing.json()["items"]) == 2  # the refused create left nothing behind
+
+
+async def test_loading_a_session_is_one_read_with_what_three_reads_gave(store: Store) -> None:
+    """`LoadSession` answers in one round trip what a session actor needs to start: the
+    session, its last seq, its bill, and every participant's chat marks."""
+    with trio.fail_after(30):
+        async with open_storage(store.backend()) as (_, storage):
+            await storage.write(new_session("s"))
+            await storage.write(sm.TransitionSession(session_id="s", name="start", at=1_000))
+            await storage.write_many([chat("s", f"c{i}") for i in range(3)])
+            await storage.write(sm.RaiseMark(session_id="s", user="bob", kind="read", seq=2))
+            await storage.write(sm.RaiseMark(session_id="s", user="alice", kind="delivered", seq=3))
+            await storage.write(sm.CheckpointBilling(billing=sm.BillingState(
+                session_id="s", rate_per_minute=100, currency="USD", segments=((1_000, 61_000),),
+                open=True, checkpoint_at=61_000,
+            )))
+            loaded = await storage.read(sm.LoadSession(session_id="s"))
+            session = await storage.read(sm.GetSession(session_id="s"))
+            last_seq, bob = await storage.read(sm.GetChatState(session_id="s", user="bob"))
+            billing = await storage.read(sm.GetBilling(session_id="s"))
+            await storage.write(new_session("fresh"))
+            fresh = await storage.read(sm.LoadSession(session_id="fresh"))
+            with pytest.raises(NotFound):
+                await storage.read(sm.LoadSession(session_id="nobody"))
+    assert loaded.session == session and loaded.session.state == "active"
+    assert loaded.last_seq == last_seq == 3
+    assert loaded.billing == billing and loaded.billing is not None and loaded.billing.billable_ms == 60_000
+    assert dict(loaded.marks) == {"bob": bob, "alice": Marks(delivered_seq=3)} and bob == Marks(delivered_seq=2, read_seq=2)
+    assert (fresh.session.state, fresh.last_seq, fresh.marks, fresh.billing) == ("scheduled", 0, (), None)
