@@ -42,8 +42,19 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState as WSState
-from wsproto.events import CloseConnection, Ping, Pong, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 from wsproto.events import Event as WSEvent
+from wsproto.utilities import RemoteProtocolError
 
 from actors import connection
 from domain import audit, metrics
@@ -63,6 +74,23 @@ FD_RESERVE = 64  # open files kept free of connections: SQLite, its WAL, logs, l
 WS_QUEUE = 4  # frames trio-websocket reads ahead before TCP pushes back
 PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, no payload (what wsproto makes of `Ping()`)
 PING_STRIKES = 100  # client pings over the rate in a row before the connection is closed (4008)
+RECEIVE_SIZE = 65536  # bytes one read takes from the socket (trio's SocketStream default)
+PONG_OPCODE = 0x8A  # FIN + pong, no RSV bits: the first byte of every valid pong frame
+MASKED = 0x80  # the mask bit of the second byte: every client frame has it (RFC 6455 5.1)
+MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5: a control frame's payload length fits the 7-bit field
+
+# wsproto event → the `_ServerWebSocket` method that handles it (one table for every connection)
+_HANDLERS: dict[type, str] = {
+    AcceptConnection: "_handle_accept_connection_event",
+    BytesMessage: "_handle_message_event",
+    CloseConnection: "_handle_close_connection_event",
+    Ping: "_handle_ping_event",
+    Pong: "_handle_pong_event",
+    RejectConnection: "_handle_reject_connection_event",
+    RejectData: "_handle_reject_data_event",
+    Request: "_handle_request_event",
+    TextMessage: "_handle_message_event",
+}
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -320,6 +348,117 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             await self._close_stream()
             raise trio_websocket.ConnectionClosed(self._close_reason)
 
+    # ------------------------------------------------------------ reading (an idle connection's pong)
+
+    async def _reader_task(self) -> None:
+        """trio-websocket's `_reader_task` (0.12.2, server side), with two changes for idle
+        connections, whose only traffic is the pong to each heartbeat ping:
+
+        - a read that starts with complete pong frames, while wsproto is between frames,
+          is answered here (`_take_pongs`): `on_pong`, no wsproto parsing, no events; the
+          rest of the read, if any, goes to wsproto as before;
+        - reads go straight to the socket (`_receive`): after a read of pongs only, it waits
+          for the socket to be readable before reading, instead of a read that finds nothing.
+        """
+        fed = True  # wsproto was given bytes since its events were last taken
+        async with self._send_channel:
+            while self._reader_running:
+                if fed:
+                    for event in self._wsproto.events():
+                        name = _HANDLERS.get(type(event))
+                        if name is None:
+                            log.warning("%s received unknown event type: %r", self, type(event))
+                            continue
+                        try:
+                            await getattr(self, name)(event)
+                        except trio_websocket.ConnectionClosed:
+                            self._reader_running = False
+                            break
+                try:
+                    data = await self._receive(wait_first=not fed)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._abort_web_socket()
+                    break
+                if not data:  # the TCP connection closed: abnormal if the WebSocket had not
+                    if self._wsproto.state != WSState.CLOSED:
+                        await self._abort_web_socket()
+                    break
+                fed = False
+                if self._wsproto.state != WSState.CLOSED:
+                    data = self._take_pongs(data)
+                    if data:
+                        fed = True
+                        try:
+                            self._wsproto.receive_data(data)
+                        except RemoteProtocolError as err:
+                            if err.event_hint:
+                                await self._send(err.event_hint)
+                            await self._close_stream()
+
+    def _take_pongs(self, data: bytes) -> bytes:
+        """Answer the complete pong frames `data` starts with; return what wsproto must parse.
+
+        Only while wsproto is between frames (no partial header or payload buffered, no event
+        waiting, the connection open) and nobody awaits trio-websocket's `ping()`; then a
+        frame counts only if it is exactly what RFC 6455 allows a client's pong: first byte
+        0x8A (FIN, no RSV bits, opcode pong), the mask bit set, a payload length ≤ 125 in
+        the 7-bit field, and all of its 6 + length bytes in `data`. Anything else, or a
+        frame cut by the read, stops the scan, and wsproto gets it and every byte after it
+        (and refuses what is invalid: 1002). The payload is not unmasked: any pong counts.
+        A control frame may come between the frames of a fragmented message (5.4), and
+        wsproto keeps that message's state apart from its frame decoder, which is empty."""
+        ws = self._wsproto.connection
+        if data[0] != PONG_OPCODE or ws is None or self._pings or ws._events or ws.state != WSState.OPEN:
+            return data
+        decoder = ws._proto._frame_decoder
+        if decoder.header is not None or decoder.buffer.buffer:
+            return data
+        size, at = len(data), 0
+        while at + 6 <= size and data[at] == PONG_OPCODE:
+            second = data[at + 1]
+            if second < MASKED or second - MASKED > MAX_CONTROL_PAYLOAD:
+                break
+            end = at + 6 + second - MASKED
+            if end > size:
+                break
+            at = end
+        if not at:
+            return data
+        if self.on_pong is not None:
+            self.on_pong()
+        return data[at:]
+
+    async def _receive(self, *, wait_first: bool) -> bytes:
+        """One read of the stream: `SocketStream.receive_some`, without its layers, for a socket.
+
+        `wait_first` (the last read held only pongs: the peer is most likely idle) waits for
+        the socket to be readable before reading; otherwise a read is tried first, as trio
+        does, with a checkpoint either way. The file descriptor is fetched again right before
+        each read and wait, in the same step: a socket closed meanwhile has none (-1), and
+        its waiter is woken with `ClosedResourceError` by trio's `notify_closing`."""
+        stream = self._stream
+        sock = _socket_of(stream)
+        if sock is None:  # the replayed request head, or tests' memory streams
+            return await stream.receive_some(self._receive_buffer_size)
+        size = self._receive_buffer_size or RECEIVE_SIZE
+        if wait_first:
+            await trio.lowlevel.wait_readable(_fileno(sock))
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        waited = wait_first
+        while True:
+            try:
+                data = os.read(_fileno(sock), size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(_fileno(sock))
+                waited = True
+                continue
+            except OSError as exc:  # reset by the peer, or closed
+                raise trio.BrokenResourceError from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
 
     # ------------------------------------------------------------ sending without a task hop
 
@@ -342,6 +481,22 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         if self._close_reason:
             raise trio_websocket.ConnectionClosed(self._close_reason)
         await self._send_unsent(b"".join(self._wsproto.send(TextMessage(data=message)) for message in messages))
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a stream whose reads can go straight to it (no bytes replayed first)."""
+    if type(stream) is ReplayStream:
+        return None if stream._prefix else stream.socket
+    if type(stream) is trio.SocketStream:
+        return stream.socket
+    return None
+
+
+def _fileno(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    return fd
 
 
 async def _wrap_server_stream(
