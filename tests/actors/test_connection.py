@@ -382,3 +382,34 @@ async def test_graceful_shutdown_closes_every_connection_1001_and_late_ones_too(
         assert len(w.ctx.heartbeat) == 0
         timeline = await w.storage.read(sm.GetTimeline(session_id=session))
         assert [e.detail.get("reason") for e in timeline if e.kind == "left"] == ["closed"]
+
+
+def _writer_tasks() -> int:
+    """Connection writer tasks running in this Trio run."""
+    count, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        count += task.name.endswith("Connection._writer")
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_connection_has_no_writer_task(autojump_clock, world):
+    """A writer runs only while something is queued for the socket (issue 13: an idle
+    connection costs no task of its own beyond its reader)."""
+    async with world() as w:
+        session = await w.create_session()
+        alice, _, _ = await w.client("alice")
+        bob, _, _ = await w.client("bob")
+        await alice.request("join", session=session)
+        await bob.request("join", session=session)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _writer_tasks() == 0
+        # traffic starts writers (memory streams: nothing is written at once) and they end
+        for n in range(20):
+            await bob.request("signal", session=session, to="alice", kind="candidate", payload={"n": n})
+        for n in range(20):
+            assert (await alice.next_event("signal", timeout=5))["payload"] == {"n": n}  # in order
+        await trio.testing.wait_all_tasks_blocked()
+        assert _writer_tasks() == 0
