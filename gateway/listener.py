@@ -79,6 +79,9 @@ PONG_OPCODE = 0x8A  # FIN + pong, no RSV bits: the first byte of every valid pon
 MASKED = 0x80  # the mask bit of the second byte: every client frame has it (RFC 6455 5.1)
 MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5: a control frame's payload length fits the 7-bit field
 
+_SET_EVENT = trio.Event()  # shared by every open server WebSocket: set, and never waited on
+_SET_EVENT.set()
+
 # wsproto event → the `_ServerWebSocket` method that handles it (one table for every connection)
 _HANDLERS: dict[type, str] = {
     AcceptConnection: "_handle_accept_connection_event",
@@ -347,6 +350,21 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             await self._close_web_socket(connection.CLOSE_POLICY, reason)
             await self._close_stream()
             raise trio_websocket.ConnectionClosed(self._close_reason)
+
+    async def _accept(self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]) -> None:
+        """trio-websocket's accept; then what only the handshake needed is let go (about 1.5 KB
+        a connection): wsproto's HTTP/1.1 state (an `h11.Connection` with its buffers), the
+        request it kept (every header), its event deque, and two `trio.Event`s nobody waits
+        on for a server connection once it is open (trio-websocket's clients wait on the first;
+        its own tests on the second)."""
+        await super()._accept(request, subprotocol, extra_headers)
+        handshake = self._wsproto.handshake
+        if self._wsproto.connection is not None and not handshake._events:
+            handshake._h11_connection = None  # used only until the connection exists
+            handshake._initiating_request = None
+            handshake._events = ()  # (read only while it has events; nothing is added any more)
+        self._open_handshake = _SET_EVENT
+        self._for_testing_peer_closed_connection = _SET_EVENT
 
     # ------------------------------------------------------------ reading (an idle connection's pong)
 
@@ -643,6 +661,7 @@ class Listener:
                 if handshake.cancelled_caught:
                     nursery.cancel_scope.cancel()
                     return
+                del request, handshake  # (the request's headers and the scope, for the connection's life)
                 await connection.serve(ws, self.context, query_token=token)
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, trio_websocket.ConnectionClosed):
