@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import outcome
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -198,6 +199,140 @@ def connection_cap(configured: int) -> int:
     return min(configured, by_files) if configured > 0 else by_files
 
 
+class _Messages:
+    """trio-websocket's message queue, for its one producer (the reader task) and one
+    consumer at a time (`get_message`), with what `trio.open_memory_channel(size)` does for
+    the calls trio-websocket makes: a bounded buffer whose full state makes the producer
+    wait (so TCP pushes back), `EndOfChannel` to the consumer once the send side is closed
+    and drained, `BrokenResourceError` to the producer once the receive side is closed,
+    `ClosedResourceError` on a closed side, and a checkpoint in every call. A memory channel
+    (its state, two OrderedDicts of waiting tasks, two endpoints with a set each) is ~3.5 KB
+    a connection; this is a few hundred bytes. A second concurrent consumer (or producer)
+    gets `BusyResourceError` instead of a place in a queue."""
+
+    __slots__ = ("_items", "_size", "_send_closed", "_receive_closed", "_receiver", "_sender", "_pending")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("the message queue holds at least one message")
+        self._items: list[Any] = []  # (a list: at most `size`, a handful)
+        self._size = size
+        self._send_closed = False
+        self._receive_closed = False
+        self._receiver: trio.lowlevel.Task | None = None  # waiting in `receive` on an empty queue
+        self._sender: trio.lowlevel.Task | None = None  # waiting in `send` on a full queue
+        self._pending: Any = None  # what the waiting sender sends
+
+    async def send(self, value: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_closed:
+            raise trio.ClosedResourceError
+        if self._receive_closed:
+            raise trio.BrokenResourceError
+        receiver = self._receiver
+        if receiver is not None:  # (then the queue is empty)
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver, outcome.Value(value))
+        elif len(self._items) < self._size:
+            self._items.append(value)
+        else:
+            if self._sender is not None:
+                raise trio.BusyResourceError("another task is sending on this queue")
+            self._sender, self._pending = trio.lowlevel.current_task(), value
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._sender = self._pending = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive(self) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._receive_closed:
+            raise trio.ClosedResourceError
+        if self._items:
+            value = self._items.pop(0)
+            sender = self._sender
+            if sender is not None:  # room now: its value goes in behind the others
+                self._items.append(self._pending)
+                self._sender = self._pending = None
+                trio.lowlevel.reschedule(sender, outcome.Value(None))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return value
+        if self._send_closed:
+            raise trio.EndOfChannel
+        if self._receiver is not None:
+            raise trio.BusyResourceError("another task is receiving from this queue")
+        self._receiver = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._receiver = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def close_send(self) -> None:
+        self._send_closed = True
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            trio.lowlevel.reschedule(receiver, outcome.Error(trio.EndOfChannel()))
+
+    def close_receive(self) -> None:
+        self._receive_closed = True
+        self._items.clear()
+        sender, self._sender, self._pending = self._sender, None, None
+        if sender is not None:
+            trio.lowlevel.reschedule(sender, outcome.Error(trio.BrokenResourceError()))
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            trio.lowlevel.reschedule(receiver, outcome.Error(trio.ClosedResourceError()))
+
+
+class _MessagesSendEnd:
+    """The producer's side of `_Messages` (what trio-websocket calls `_send_channel`)."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: _Messages) -> None:
+        self._queue = queue
+
+    async def send(self, value: Any) -> None:
+        await self._queue.send(value)
+
+    async def aclose(self) -> None:
+        self._queue.close_send()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> _MessagesSendEnd:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._queue.close_send()
+
+
+class _MessagesReceiveEnd:
+    """The consumer's side of `_Messages` (what trio-websocket calls `_recv_channel`)."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: _Messages) -> None:
+        self._queue = queue
+
+    async def receive(self) -> Any:
+        return await self._queue.receive()
+
+    async def aclose(self) -> None:
+        self._queue.close_receive()
+        await trio.lowlevel.checkpoint()
+
+
+def message_queue(size: int) -> tuple[_MessagesSendEnd, _MessagesReceiveEnd]:
+    queue = _Messages(size)
+    return _MessagesSendEnd(queue), _MessagesReceiveEnd(queue)
+
+
 class _HTTPConnection(TCPServer):
     """Hypercorn's connection driver, with the steps that end a connection shielded.
 
@@ -255,6 +390,9 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         self, *args: Any, nursery: trio.Nursery, ping_rate: float, ping_burst: int, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # the same queue in a few hundred bytes instead of a memory channel's ~3.5 KB (`_Messages`)
+        self._send_channel, self._recv_channel = message_queue(  # type: ignore[assignment]
+            kwargs.get("message_queue_size", 1))
         self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
         self._ping_strikes = 0
         self._nursery = nursery  # this connection's own (it runs `_reader_task`)
