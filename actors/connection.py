@@ -1,6 +1,8 @@
 """The connection actor: one per WebSocket.
 
-Tasks, all in the connection's own nursery (whichever ends it ends them all):
+Tasks: the reader is the task that runs the connection (`Connection.run`); a writer,
+while there is one, runs in the socket's nursery (the listener's, per connection) under
+its own cancel scope, which ending the connection cancels:
 - the reader owns the protocol: it decodes frames, answers what it can itself
   (`ping`, `chat.history`, errors) and passes the rest to session actors,
   *awaiting* space in their mailboxes, so a flooding client is pushed back by TCP;
@@ -29,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,6 +94,9 @@ class LiveSocket(Protocol):
     def ping_nowait(self) -> None: ...
 
     def try_send_nowait(self, message: str) -> bool: ...
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in the socket's own nursery (it lives as long as the connection)."""
 
     async def send_messages(self, messages: list[str]) -> None: ...
 
@@ -179,7 +184,7 @@ async def _hello(
 
 class Connection:
     __slots__ = (
-        "ws", "ref", "ctx", "settings", "caller", "_outbox", "_nursery", "joined", "last_alive",
+        "ws", "ref", "ctx", "settings", "caller", "_outbox", "_writer_scope", "joined", "last_alive",
         "_reported_alive", "_beat", "_bucket", "_strikes", "_scope", "_finished", "_held",
         "_writing", "_live", "_chat",
     )
@@ -193,7 +198,7 @@ class Connection:
         # items waiting for the writer, at most `outbox_frames` (a deque is made when first needed:
         # an idle connection has none); only `_take` appends, only the writer takes
         self._outbox: collections.deque[Outgoing] | None = None
-        self._nursery: trio.Nursery | None = None  # the connection's own, while it runs
+        self._writer_scope: trio.CancelScope | None = None  # the running writer's (ending cancels it)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
         self.last_alive = trio.current_time()  # its last frame or pong (the reader and `_pong` set it)
         self._reported_alive = self.last_alive  # what the joined sessions last heard
@@ -221,6 +226,8 @@ class Connection:
         elif dropped and not self._finished.dropped:
             self._finished = _Finished(self._finished.code, self._finished.reason, True)
         self._scope.cancel()
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()
 
     def _put(self, item: Outgoing) -> None:
         """The connection's own frames go the way sessions' do: a full outbox is a slow consumer."""
@@ -246,16 +253,13 @@ class Connection:
             self.going_away()
         try:
             with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    if self._writing:  # something was queued before the nursery opened
-                        nursery.start_soon(self._writer)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-        except* Exception:
+                await self._reader()
+        except Exception:
             log.exception("connection %s of %s crashed", self.ref.id, self.ref.user)
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
+            if self._writer_scope is not None:
+                self._writer_scope.cancel()
             self.ctx.heartbeat.unregister(self._beat)
             self._live.on_pong = None
             self.ctx.post_office.close_box(self.ref)
@@ -263,7 +267,7 @@ class Connection:
                 await admission.leave(self.ref.user)  # shielded, bounded
             finished = self._finished or _Finished(CLOSE_NORMAL, "closed")
             await self._leave_all(finished)
-            self._outbox = self._held = self._nursery = None  # what was still queued is dropped
+            self._outbox = self._held = None  # what was still queued is dropped
             if finished.code != CLOSE_NORMAL or not self.ws.closed:
                 if finished.code == CLOSE_SLOW_CONSUMER:
                     metrics.SLOW_CONSUMERS.inc()
@@ -311,8 +315,8 @@ class Connection:
             outbox = self._outbox = collections.deque()
         outbox.append(item)
         self._writing = True
-        if self._nursery is not None:  # (else `run` starts it as soon as its nursery is open)
-            self._nursery.start_soon(self._writer)
+        self._writer_scope = trio.CancelScope()
+        self._live.start_soon(self._writer)
         return True
 
     def _write_now(self, frame: str) -> bool:
@@ -323,7 +327,22 @@ class Connection:
 
     async def _writer(self) -> None:
         """Started by `_take` when it queues an item; writes the held items, then the outbox,
-        in order, and ends (sync, right after finding both empty) so deliverers may write again."""
+        in order, and ends (sync, right after finding both empty) so deliverers may write again.
+        It runs in the socket's nursery, not the connection's task: a crash is caught here,
+        logged and ends the connection (1011), as one in the reader does."""
+        scope = self._writer_scope
+        assert scope is not None
+        try:
+            with scope:
+                await self._write_queued()
+        except Exception:
+            log.exception("connection %s of %s: writer crashed", self.ref.id, self.ref.user)
+            self._finish(CLOSE_INTERNAL, "internal error")
+        finally:
+            if self._writer_scope is scope:
+                self._writer_scope = None
+
+    async def _write_queued(self) -> None:
         chat = self._chat
         while True:
             held, outbox = self._held, self._outbox

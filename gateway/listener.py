@@ -27,7 +27,7 @@ import logging
 import os
 import resource
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -399,6 +399,10 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         self._unsent = b""  # ping or frame bytes waiting for the stream: written before anything else
         self.on_pong: Callable[[], None] | None = None
         # (no more attributes: past 29 the instance dict loses key sharing, +1.3 KiB a connection)
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in this connection's nursery (the connection's writer, while it has one)."""
+        self._nursery.start_soon(fn)
 
     def ping_nowait(self) -> None:
         """Send a ping frame without waiting (the heartbeat wheel must never wait on one socket).

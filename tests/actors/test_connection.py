@@ -413,3 +413,31 @@ async def test_an_idle_connection_has_no_writer_task(autojump_clock, world):
             assert (await alice.next_event("signal", timeout=5))["payload"] == {"n": n}  # in order
         await trio.testing.wait_all_tasks_blocked()
         assert _writer_tasks() == 0
+
+
+async def test_a_crashing_writer_closes_its_connection_1011_and_nothing_else(autojump_clock, world, monkeypatch):
+    """The writer runs in the socket's nursery, not the connection's task: its crash is
+    caught at the actor boundary (logged, 1011, leaves its sessions) like the reader's."""
+    from actors import connection as conn_module
+
+    async with world() as w:
+        session = await w.create_session()
+        alice, _, alice_side = await w.client("alice")
+        bob, _, _ = await w.client("bob")
+        await alice.request("join", session=session)
+        await bob.request("join", session=session)
+        real = conn_module.Connection._send_plain
+
+        async def crash_for_alice(self, first):
+            if self.ref.user == "alice":
+                raise RuntimeError("a bug in the writer")
+            await real(self, first)
+
+        monkeypatch.setattr(conn_module.Connection, "_send_plain", crash_for_alice)
+        await alice.send_raw({"type": "ping", "ref": "p"})
+        with trio.fail_after(5):
+            await alice_side.done.wait()
+        assert alice_side.close_codes == [1011]
+        assert await next_left(bob) == "alice"
+        assert (await bob.request("ping"))["type"] == "ok"
+        assert (await w.snapshot())["connections"] == {"bob": 1}
