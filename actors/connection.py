@@ -1,14 +1,21 @@
 """The connection actor: one per WebSocket.
 
-Tasks, all in the connection's own nursery (whichever ends it ends them all):
+Tasks: the reader is the task that runs the connection (`Connection.run`); a writer,
+while there is one, runs in the socket's nursery (the listener's, per connection) under
+its own cancel scope, which ending the connection cancels:
 - the reader owns the protocol: it decodes frames, answers what it can itself
   (`ping`, `chat.history`, errors) and passes the rest to session actors,
   *awaiting* space in their mailboxes, so a flooding client is pushed back by TCP;
-- the writer is the only task that sends on the socket. Everything else reaches
-  it through the bounded outbox, which sessions fill through the `Delivery` port
-  without waiting; a full outbox makes this a slow consumer, closed with 1008,
-  never buffered. The writer also streams each joined session's offline queue
-  from storage and keeps chat gapless by `seq` (actors/offline_queue.py);
+- writes: every item for the connection (sessions' through the `Delivery` port,
+  its own replies too) is offered to `_take`, which never waits. While no writer
+  task runs, nothing is queued, so a plain frame, or a chat message next in `seq`,
+  is written at once by the delivering task (one non-blocking write); anything
+  else goes into the bounded outbox, and a writer task is started, which owns
+  every write from then until it has emptied the outbox, and then ends. So an
+  idle connection has no writer task. A full outbox makes this a slow consumer,
+  closed with 1008, never buffered. The writer also streams each joined
+  session's offline queue from storage and keeps chat gapless by `seq`
+  (actors/offline_queue.py);
 - no task of its own for liveness: the process's heartbeat wheel (actors/heartbeat.py)
   pings it when it has been silent for a `heartbeat` interval, closes it (4008) when
   it has sent neither a frame nor a pong for two, and has it tell the sessions it
@@ -24,7 +31,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -87,6 +94,9 @@ class LiveSocket(Protocol):
     def ping_nowait(self) -> None: ...
 
     def try_send_nowait(self, message: str) -> bool: ...
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in the socket's own nursery (it lives as long as the connection)."""
 
     async def send_messages(self, messages: list[str]) -> None: ...
 
@@ -175,9 +185,9 @@ async def _hello(
 
 class Connection:
     __slots__ = (
-        "ws", "ref", "ctx", "settings", "caller", "_outbox_send", "_outbox", "joined", "last_alive",
+        "ws", "ref", "ctx", "settings", "caller", "_outbox", "_writer_scope", "joined", "last_alive",
         "_reported_alive", "_beat", "_bucket", "_strikes", "_scope", "_finished", "_held",
-        "_writer_idle", "_live", "_chat",
+        "_writing", "_live", "_chat",
     )
 
     def __init__(self, ws: WebSocketConnection, ref: ConnectionRef, ctx: ConnectionContext) -> None:
@@ -186,7 +196,10 @@ class Connection:
         self.ctx = ctx
         self.settings = ctx.settings
         self.caller = ref.identity
-        self._outbox_send, self._outbox = trio.open_memory_channel[Outgoing](ctx.settings.outbox_frames)
+        # items waiting for the writer, at most `outbox_frames` (a deque is made when first needed:
+        # an idle connection has none); only `_take` appends, only the writer takes
+        self._outbox: collections.deque[Outgoing] | None = None
+        self._writer_scope: trio.CancelScope | None = None  # the running writer's (ending cancels it)
         self.joined: dict[str, SessionHandle] = {}  # a cache: the session actors hold the truth
         self.last_alive = trio.current_time()  # its last frame or pong (the reader and `_pong` set it)
         self._reported_alive = self.last_alive  # what the joined sessions last heard
@@ -197,22 +210,25 @@ class Connection:
         self._strikes = 0
         self._scope = trio.CancelScope()
         self._finished: _Finished | None = None
-        self._held: collections.deque[ChatFrame | ChatCursor] = collections.deque()  # writer's own
-        # True only while the writer waits on an empty outbox: then a plain frame may be written
-        # by whoever delivers it (no task hop); every item queued in the outbox clears it first
-        self._writer_idle = False
+        # chat items the writer took out of the outbox while it sent the frames behind them
+        # (between pages of a backlog); they go before the outbox. The writer's own, made lazily
+        self._held: collections.deque[ChatFrame | ChatCursor] | None = None
+        # True from the moment an item is queued until the writer task has emptied the outbox
+        # and the held items, and ended; while False, `_take` may write at once (no task hop)
+        self._writing = False
         self._live: LiveSocket = ws  # type: ignore[assignment]  # the listener's _ServerWebSocket
         self._chat = OfflineQueue(ctx.storage, self._send, self._send_waiting_frames)  # the writer's
 
     def _finish(self, code: int, reason: str, *, dropped: bool = False) -> None:
         """End the connection. The first reason names the close code; if any reason says
         the peer went silent, it leaves at its last-alive instant (never billed past it)."""
-        self._writer_idle = False  # from now on frames only queue (and are dropped with the outbox)
         if self._finished is None:
             self._finished = _Finished(code, reason, dropped)
         elif dropped and not self._finished.dropped:
             self._finished = _Finished(self._finished.code, self._finished.reason, True)
         self._scope.cancel()
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()
 
     def _put(self, item: Outgoing) -> None:
         """The connection's own frames go the way sessions' do: a full outbox is a slow consumer."""
@@ -226,9 +242,7 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
-        if not self.ctx.post_office.open_box(
-            self.ref, self._outbox_send, on_overrun=self._slow_consumer, send_now=self._send_now,
-        ):
+        if not self.ctx.post_office.open_box(self.ref, on_overrun=self._slow_consumer, take=self._take):
             if admission is not None:
                 await admission.leave(self.ref.user)
             metrics.ERRORS.labels("rate_limited").inc()
@@ -240,14 +254,13 @@ class Connection:
             self.going_away()
         try:
             with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-        except* Exception:
+                await self._reader()
+        except Exception:
             log.exception("connection %s of %s crashed", self.ref.id, self.ref.user)
             self._finish(CLOSE_INTERNAL, "internal error")
         finally:
+            if self._writer_scope is not None:
+                self._writer_scope.cancel()
             self.ctx.heartbeat.unregister(self._beat)
             self._live.on_pong = None
             self.ctx.post_office.close_box(self.ref)
@@ -255,7 +268,7 @@ class Connection:
                 await admission.leave(self.ref.user)  # shielded, bounded
             finished = self._finished or _Finished(CLOSE_NORMAL, "closed")
             await self._leave_all(finished)
-            self._outbox.close()
+            self._outbox = self._held = None  # what was still queued is dropped
             if finished.code != CLOSE_NORMAL or not self.ws.closed:
                 if finished.code == CLOSE_SLOW_CONSUMER:
                     metrics.SLOW_CONSUMERS.inc()
@@ -275,26 +288,40 @@ class Connection:
                 except SessionGone:
                     pass
 
-    def _send_now(self, item: Outgoing) -> bool:
-        """The post office's first look at every item for this connection (sync, never waits).
-        When the writer is idle (nothing queued, nothing in hand, so the offline queue's state
-        is settled), a plain frame, or a chat message that is next in `seq`, is written at
-        once, from the delivering task straight to this socket (and a join's cursor with no
-        backlog only moves the offline queue's next `seq`). Anything else is queued for the
-        writer, and the writer is no longer idle from that instant on, so a later frame can
-        never overtake it."""
-        if self._writer_idle:
-            if type(item) is str:
-                if self._write_now(item):
-                    return True
-            elif type(item) is ChatFrame and self._chat.in_order(item):
-                if item.text is None or self._write_now(item.text):
-                    self._chat.sent(item)
-                    return True
-            elif type(item) is ChatCursor and self._chat.cursor_nowait(item):
-                return True  # a join with no backlog: nothing to write
-        self._writer_idle = False
-        return False
+    def _take(self, item: Outgoing) -> bool:
+        """Every item for this connection comes here, from the post office (sync, never waits).
+        False: the outbox is full, this is a slow consumer (the post office calls
+        `_slow_consumer`). While no writer runs (nothing queued, nothing held, so the offline
+        queue's state is settled), a plain frame, or a chat message next in `seq`, is written
+        at once, from the delivering task straight to this socket (and a join's cursor with no
+        backlog only moves the offline queue's next `seq`). Anything else is queued and
+        a writer is started; from that instant until the writer has emptied the outbox, every
+        item queues behind it, so a later frame never overtakes one queued before it."""
+        if self._finished is not None:
+            return True  # it is closing: nothing more goes out (what is queued is dropped)
+        outbox = self._outbox
+        if self._writing:
+            assert outbox is not None
+            if len(outbox) >= self.settings.outbox_frames:
+                return False
+            outbox.append(item)
+            return True
+        if type(item) is str:
+            if self._write_now(item):
+                return True
+        elif type(item) is ChatFrame and self._chat.in_order(item):
+            if item.text is None or self._write_now(item.text):
+                self._chat.sent(item)
+                return True
+        elif type(item) is ChatCursor and self._chat.cursor_nowait(item):
+            return True  # a join with no backlog: nothing to write
+        if outbox is None:
+            outbox = self._outbox = collections.deque()
+        outbox.append(item)
+        self._writing = True
+        self._writer_scope = trio.CancelScope()
+        self._live.start_soon(self._writer)
+        return True
 
     def _write_now(self, frame: str) -> bool:
         if not self._live.try_send_nowait(frame):
@@ -303,17 +330,33 @@ class Connection:
         return True
 
     async def _writer(self) -> None:
+        """Started by `_take` when it queues an item; writes the held items, then the outbox,
+        in order, and ends (sync, right after finding both empty) so deliverers may write again.
+        It runs in the socket's nursery, not the connection's task: a crash is caught here,
+        logged and ends the connection (1011), as one in the reader does."""
+        scope = self._writer_scope
+        assert scope is not None
+        try:
+            with scope:
+                await self._write_queued()
+        except Exception:
+            log.exception("connection %s of %s: writer crashed", self.ref.id, self.ref.user)
+            self._finish(CLOSE_INTERNAL, "internal error")
+        finally:
+            if self._writer_scope is scope:
+                self._writer_scope = None
+
+    async def _write_queued(self) -> None:
         chat = self._chat
         while True:
-            if self._held:
-                item = self._held.popleft()
-            else:
-                try:
-                    item = self._outbox.receive_nowait()
-                except trio.WouldBlock:  # nothing queued, nothing in hand: deliverers may write
-                    self._writer_idle = True
-                    item = await self._outbox.receive()
-                    self._writer_idle = False
+            held, outbox = self._held, self._outbox
+            if held:
+                item = held.popleft()
+            elif outbox:
+                item = outbox.popleft()
+            else:  # nothing queued, nothing in hand: deliverers may write
+                self._writing = False
+                return
             try:
                 match item:
                     case str():
@@ -331,15 +374,10 @@ class Connection:
         """`first` and the plain frames queued right behind it, in one socket write (the next
         chat item stops the batch and is handled next: the order is never changed)."""
         frames = [first]
-        while len(frames) < WRITE_BATCH and not self._held:
-            try:
-                item = self._outbox.receive_nowait()
-            except trio.WouldBlock:
-                break
-            if isinstance(item, str):
-                frames.append(item)
-            else:
-                self._held.append(item)
+        outbox = self._outbox
+        if not self._held:
+            while outbox and len(frames) < WRITE_BATCH and type(outbox[0]) is str:
+                frames.append(outbox.popleft())  # type: ignore[arg-type]
         try:
             await self._live.send_messages(frames)
         except ConnectionClosed:
@@ -349,18 +387,18 @@ class Connection:
 
     async def _send_waiting_frames(self) -> None:
         """While a backlog streams: send the plain frames queued meanwhile; chat waits its turn."""
-        while True:
-            try:
-                item = self._outbox.receive_nowait()
-            except trio.WouldBlock:
-                return
+        while self._outbox:
+            item = self._outbox.popleft()
             if isinstance(item, str):
                 await self._send(item)
-            elif len(self._held) >= self.settings.outbox_frames:  # held chat counts as outbox
+                continue
+            held = self._held
+            if held is None:
+                held = self._held = collections.deque()
+            if len(held) >= self.settings.outbox_frames:  # held chat counts as outbox
                 self._slow_consumer()
                 return
-            else:
-                self._held.append(item)
+            held.append(item)
 
     async def _send(self, frame: str) -> None:
         try:

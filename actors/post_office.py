@@ -35,11 +35,11 @@ log = logging.getLogger("parley.delivery")
 
 @dataclass(frozen=True, slots=True)
 class _Box:
-    outbox: trio.MemorySendChannel[Outgoing]
+    outbox: trio.MemorySendChannel[Outgoing] | None
     on_overrun: Callable[[], None]  # the connection's own way to close itself (1008)
-    # the connection's own first look at every item: True when it wrote the item itself,
-    # at once (its writer was idle and the socket took it); False: queue it in the outbox
-    send_now: Callable[[Outgoing], bool] | None = None
+    # a connection that keeps its own outbox (actors/connection.py): it takes every item,
+    # sync (written at once or queued); False when its outbox is full (then `on_overrun`)
+    take: Callable[[Outgoing], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,14 +59,17 @@ class PostOffice:
     # ------------------------------------------------------------ connections
 
     def open_box(
-        self, conn: ConnectionRef, outbox: trio.MemorySendChannel[Outgoing], *, on_overrun: Callable[[], None],
-        send_now: Callable[[Outgoing], bool] | None = None,
+        self, conn: ConnectionRef, outbox: trio.MemorySendChannel[Outgoing] | None = None, *,
+        on_overrun: Callable[[], None], take: Callable[[Outgoing], bool] | None = None,
     ) -> bool:
-        """Admit a connection (False: its user has too many open) and route to its outbox."""
+        """Admit a connection (False: its user has too many open) and route to its outbox: a
+        bounded channel, or the connection's own `take` (exactly one of the two)."""
+        if (outbox is None) == (take is None):
+            raise TypeError("open_box needs an outbox channel or a take callable")
         if self._per_user[conn.user] >= self._max_per_user:
             return False
         self._per_user[conn.user] += 1
-        self._boxes[conn.id] = _Box(outbox, on_overrun, send_now)
+        self._boxes[conn.id] = _Box(outbox, on_overrun, take)
         return True
 
     def close_box(self, conn: ConnectionRef) -> None:
@@ -84,8 +87,11 @@ class PostOffice:
         box = self._boxes.get(conn.id)
         if box is None:
             return  # it closed: it leaves its sessions, which stop addressing it
-        if box.send_now is not None and box.send_now(item):
+        if box.take is not None:
+            if not box.take(item):
+                box.on_overrun()
             return
+        assert box.outbox is not None
         try:
             box.outbox.send_nowait(item)
         except trio.WouldBlock:

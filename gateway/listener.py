@@ -27,11 +27,12 @@ import logging
 import os
 import resource
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import outcome
 import trio
 import trio_websocket
 from hypercorn.config import Config as HypercornConfig
@@ -42,8 +43,19 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState as WSState
-from wsproto.events import CloseConnection, Ping, Pong, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 from wsproto.events import Event as WSEvent
+from wsproto.utilities import RemoteProtocolError
 
 from actors import connection
 from domain import audit, metrics
@@ -63,6 +75,26 @@ FD_RESERVE = 64  # open files kept free of connections: SQLite, its WAL, logs, l
 WS_QUEUE = 4  # frames trio-websocket reads ahead before TCP pushes back
 PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, no payload (what wsproto makes of `Ping()`)
 PING_STRIKES = 100  # client pings over the rate in a row before the connection is closed (4008)
+RECEIVE_SIZE = 65536  # bytes one read takes from the socket (trio's SocketStream default)
+PONG_OPCODE = 0x8A  # FIN + pong, no RSV bits: the first byte of every valid pong frame
+MASKED = 0x80  # the mask bit of the second byte: every client frame has it (RFC 6455 5.1)
+MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5: a control frame's payload length fits the 7-bit field
+
+_SET_EVENT = trio.Event()  # shared by every open server WebSocket: set, and never waited on
+_SET_EVENT.set()
+
+# wsproto event → the `_ServerWebSocket` method that handles it (one table for every connection)
+_HANDLERS: dict[type, str] = {
+    AcceptConnection: "_handle_accept_connection_event",
+    BytesMessage: "_handle_message_event",
+    CloseConnection: "_handle_close_connection_event",
+    Ping: "_handle_ping_event",
+    Pong: "_handle_pong_event",
+    RejectConnection: "_handle_reject_connection_event",
+    RejectData: "_handle_reject_data_event",
+    Request: "_handle_request_event",
+    TextMessage: "_handle_message_event",
+}
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -167,6 +199,140 @@ def connection_cap(configured: int) -> int:
     return min(configured, by_files) if configured > 0 else by_files
 
 
+class _Messages:
+    """trio-websocket's message queue, for its one producer (the reader task) and one
+    consumer at a time (`get_message`), with what `trio.open_memory_channel(size)` does for
+    the calls trio-websocket makes: a bounded buffer whose full state makes the producer
+    wait (so TCP pushes back), `EndOfChannel` to the consumer once the send side is closed
+    and drained, `BrokenResourceError` to the producer once the receive side is closed,
+    `ClosedResourceError` on a closed side, and a checkpoint in every call. A memory channel
+    (its state, two OrderedDicts of waiting tasks, two endpoints with a set each) is ~3.5 KB
+    a connection; this is a few hundred bytes. A second concurrent consumer (or producer)
+    gets `BusyResourceError` instead of a place in a queue."""
+
+    __slots__ = ("_items", "_size", "_send_closed", "_receive_closed", "_receiver", "_sender", "_pending")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("the message queue holds at least one message")
+        self._items: list[Any] = []  # (a list: at most `size`, a handful)
+        self._size = size
+        self._send_closed = False
+        self._receive_closed = False
+        self._receiver: trio.lowlevel.Task | None = None  # waiting in `receive` on an empty queue
+        self._sender: trio.lowlevel.Task | None = None  # waiting in `send` on a full queue
+        self._pending: Any = None  # what the waiting sender sends
+
+    async def send(self, value: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_closed:
+            raise trio.ClosedResourceError
+        if self._receive_closed:
+            raise trio.BrokenResourceError
+        receiver = self._receiver
+        if receiver is not None:  # (then the queue is empty)
+            self._receiver = None
+            trio.lowlevel.reschedule(receiver, outcome.Value(value))
+        elif len(self._items) < self._size:
+            self._items.append(value)
+        else:
+            if self._sender is not None:
+                raise trio.BusyResourceError("another task is sending on this queue")
+            self._sender, self._pending = trio.lowlevel.current_task(), value
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._sender = self._pending = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive(self) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._receive_closed:
+            raise trio.ClosedResourceError
+        if self._items:
+            value = self._items.pop(0)
+            sender = self._sender
+            if sender is not None:  # room now: its value goes in behind the others
+                self._items.append(self._pending)
+                self._sender = self._pending = None
+                trio.lowlevel.reschedule(sender, outcome.Value(None))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return value
+        if self._send_closed:
+            raise trio.EndOfChannel
+        if self._receiver is not None:
+            raise trio.BusyResourceError("another task is receiving from this queue")
+        self._receiver = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._receiver = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def close_send(self) -> None:
+        self._send_closed = True
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            trio.lowlevel.reschedule(receiver, outcome.Error(trio.EndOfChannel()))
+
+    def close_receive(self) -> None:
+        self._receive_closed = True
+        self._items.clear()
+        sender, self._sender, self._pending = self._sender, None, None
+        if sender is not None:
+            trio.lowlevel.reschedule(sender, outcome.Error(trio.BrokenResourceError()))
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            trio.lowlevel.reschedule(receiver, outcome.Error(trio.ClosedResourceError()))
+
+
+class _MessagesSendEnd:
+    """The producer's side of `_Messages` (what trio-websocket calls `_send_channel`)."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: _Messages) -> None:
+        self._queue = queue
+
+    async def send(self, value: Any) -> None:
+        await self._queue.send(value)
+
+    async def aclose(self) -> None:
+        self._queue.close_send()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> _MessagesSendEnd:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._queue.close_send()
+
+
+class _MessagesReceiveEnd:
+    """The consumer's side of `_Messages` (what trio-websocket calls `_recv_channel`)."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: _Messages) -> None:
+        self._queue = queue
+
+    async def receive(self) -> Any:
+        return await self._queue.receive()
+
+    async def aclose(self) -> None:
+        self._queue.close_receive()
+        await trio.lowlevel.checkpoint()
+
+
+def message_queue(size: int) -> tuple[_MessagesSendEnd, _MessagesReceiveEnd]:
+    queue = _Messages(size)
+    return _MessagesSendEnd(queue), _MessagesReceiveEnd(queue)
+
+
 class _HTTPConnection(TCPServer):
     """Hypercorn's connection driver, with the steps that end a connection shielded.
 
@@ -224,12 +390,19 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         self, *args: Any, nursery: trio.Nursery, ping_rate: float, ping_burst: int, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        # the same queue in a few hundred bytes instead of a memory channel's ~3.5 KB (`_Messages`)
+        self._send_channel, self._recv_channel = message_queue(  # type: ignore[assignment]
+            kwargs.get("message_queue_size", 1))
         self._ping_bucket = TokenBucket(rate=ping_rate, burst=ping_burst, now=trio.current_time())
         self._ping_strikes = 0
         self._nursery = nursery  # this connection's own (it runs `_reader_task`)
         self._unsent = b""  # ping or frame bytes waiting for the stream: written before anything else
         self.on_pong: Callable[[], None] | None = None
         # (no more attributes: past 29 the instance dict loses key sharing, +1.3 KiB a connection)
+
+    def start_soon(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` in this connection's nursery (the connection's writer, while it has one)."""
+        self._nursery.start_soon(fn)
 
     def ping_nowait(self) -> None:
         """Send a ping frame without waiting (the heartbeat wheel must never wait on one socket).
@@ -320,6 +493,132 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
             await self._close_stream()
             raise trio_websocket.ConnectionClosed(self._close_reason)
 
+    async def _accept(self, request: Any, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]) -> None:
+        """trio-websocket's accept; then what only the handshake needed is let go (about 1.5 KB
+        a connection): wsproto's HTTP/1.1 state (an `h11.Connection` with its buffers), the
+        request it kept (every header), its event deque, and two `trio.Event`s nobody waits
+        on for a server connection once it is open (trio-websocket's clients wait on the first;
+        its own tests on the second)."""
+        await super()._accept(request, subprotocol, extra_headers)
+        handshake = self._wsproto.handshake
+        if self._wsproto.connection is not None and not handshake._events:
+            handshake._h11_connection = None  # used only until the connection exists
+            handshake._initiating_request = None
+            handshake._events = ()  # (read only while it has events; nothing is added any more)
+        self._open_handshake = _SET_EVENT
+        self._for_testing_peer_closed_connection = _SET_EVENT
+
+    # ------------------------------------------------------------ reading (an idle connection's pong)
+
+    async def _reader_task(self) -> None:
+        """trio-websocket's `_reader_task` (0.12.2, server side), with two changes for idle
+        connections, whose only traffic is the pong to each heartbeat ping:
+
+        - a read that starts with complete pong frames, while wsproto is between frames,
+          is answered here (`_take_pongs`): `on_pong`, no wsproto parsing, no events; the
+          rest of the read, if any, goes to wsproto as before;
+        - reads go straight to the socket (`_receive`): after a read of pongs only, it waits
+          for the socket to be readable before reading, instead of a read that finds nothing.
+        """
+        fed = True  # wsproto was given bytes since its events were last taken
+        async with self._send_channel:
+            while self._reader_running:
+                if fed:
+                    for event in self._wsproto.events():
+                        name = _HANDLERS.get(type(event))
+                        if name is None:
+                            log.warning("%s received unknown event type: %r", self, type(event))
+                            continue
+                        try:
+                            await getattr(self, name)(event)
+                        except trio_websocket.ConnectionClosed:
+                            self._reader_running = False
+                            break
+                try:
+                    data = await self._receive(wait_first=not fed)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._abort_web_socket()
+                    break
+                if not data:  # the TCP connection closed: abnormal if the WebSocket had not
+                    if self._wsproto.state != WSState.CLOSED:
+                        await self._abort_web_socket()
+                    break
+                fed = False
+                if self._wsproto.state != WSState.CLOSED:
+                    data = self._take_pongs(data)
+                    if data:
+                        fed = True
+                        try:
+                            self._wsproto.receive_data(data)
+                        except RemoteProtocolError as err:
+                            if err.event_hint:
+                                await self._send(err.event_hint)
+                            await self._close_stream()
+
+    def _take_pongs(self, data: bytes) -> bytes:
+        """Answer the complete pong frames `data` starts with; return what wsproto must parse.
+
+        Only while wsproto is between frames (no partial header or payload buffered, no event
+        waiting, the connection open) and nobody awaits trio-websocket's `ping()`; then a
+        frame counts only if it is exactly what RFC 6455 allows a client's pong: first byte
+        0x8A (FIN, no RSV bits, opcode pong), the mask bit set, a payload length ≤ 125 in
+        the 7-bit field, and all of its 6 + length bytes in `data`. Anything else, or a
+        frame cut by the read, stops the scan, and wsproto gets it and every byte after it
+        (and refuses what is invalid: 1002). The payload is not unmasked: any pong counts.
+        A control frame may come between the frames of a fragmented message (5.4), and
+        wsproto keeps that message's state apart from its frame decoder, which is empty."""
+        ws = self._wsproto.connection
+        if data[0] != PONG_OPCODE or ws is None or self._pings or ws._events or ws.state != WSState.OPEN:
+            return data
+        decoder = ws._proto._frame_decoder
+        if decoder.header is not None or decoder.buffer.buffer:
+            return data
+        size, at = len(data), 0
+        while at + 6 <= size and data[at] == PONG_OPCODE:
+            second = data[at + 1]
+            if second < MASKED or second - MASKED > MAX_CONTROL_PAYLOAD:
+                break
+            end = at + 6 + second - MASKED
+            if end > size:
+                break
+            at = end
+        if not at:
+            return data
+        if self.on_pong is not None:
+            self.on_pong()
+        return data[at:]
+
+    async def _receive(self, *, wait_first: bool) -> bytes:
+        """One read of the stream: `SocketStream.receive_some`, without its layers, for a socket.
+
+        `wait_first` (the last read held only pongs: the peer is most likely idle) waits for
+        the socket to be readable before reading; otherwise a read is tried first, as trio
+        does, with a checkpoint either way. The file descriptor is fetched again right before
+        each read and wait, in the same step: a socket closed meanwhile has none (-1), and
+        its waiter is woken with `ClosedResourceError` by trio's `notify_closing`."""
+        stream = self._stream
+        sock = _socket_of(stream)
+        if sock is None:  # the replayed request head, or tests' memory streams
+            return await stream.receive_some(self._receive_buffer_size)
+        size = self._receive_buffer_size or RECEIVE_SIZE
+        if wait_first:
+            await trio.lowlevel.wait_readable(_fileno(sock))
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        waited = wait_first
+        while True:
+            try:
+                data = os.read(_fileno(sock), size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(_fileno(sock))
+                waited = True
+                continue
+            except OSError as exc:  # reset by the peer, or closed
+                raise trio.BrokenResourceError from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
 
     # ------------------------------------------------------------ sending without a task hop
 
@@ -342,6 +641,22 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         if self._close_reason:
             raise trio_websocket.ConnectionClosed(self._close_reason)
         await self._send_unsent(b"".join(self._wsproto.send(TextMessage(data=message)) for message in messages))
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a stream whose reads can go straight to it (no bytes replayed first)."""
+    if type(stream) is ReplayStream:
+        return None if stream._prefix else stream.socket
+    if type(stream) is trio.SocketStream:
+        return stream.socket
+    return None
+
+
+def _fileno(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was closed")
+    return fd
 
 
 async def _wrap_server_stream(
@@ -488,6 +803,7 @@ class Listener:
                 if handshake.cancelled_caught:
                     nursery.cancel_scope.cancel()
                     return
+                del request, handshake  # (the request's headers and the scope, for the connection's life)
                 await connection.serve(ws, self.context, query_token=token)
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, trio_websocket.ConnectionClosed):

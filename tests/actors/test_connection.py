@@ -382,3 +382,62 @@ async def test_graceful_shutdown_closes_every_connection_1001_and_late_ones_too(
         assert len(w.ctx.heartbeat) == 0
         timeline = await w.storage.read(sm.GetTimeline(session_id=session))
         assert [e.detail.get("reason") for e in timeline if e.kind == "left"] == ["closed"]
+
+
+def _writer_tasks() -> int:
+    """Connection writer tasks running in this Trio run."""
+    count, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        count += task.name.endswith("Connection._writer")
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_connection_has_no_writer_task(autojump_clock, world):
+    """A writer runs only while something is queued for the socket (issue 13: an idle
+    connection costs no task of its own beyond its reader)."""
+    async with world() as w:
+        session = await w.create_session()
+        alice, _, _ = await w.client("alice")
+        bob, _, _ = await w.client("bob")
+        await alice.request("join", session=session)
+        await bob.request("join", session=session)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _writer_tasks() == 0
+        # traffic starts writers (memory streams: nothing is written at once) and they end
+        for n in range(20):
+            await bob.request("signal", session=session, to="alice", kind="candidate", payload={"n": n})
+        for n in range(20):
+            assert (await alice.next_event("signal", timeout=5))["payload"] == {"n": n}  # in order
+        await trio.testing.wait_all_tasks_blocked()
+        assert _writer_tasks() == 0
+
+
+async def test_a_crashing_writer_closes_its_connection_1011_and_nothing_else(autojump_clock, world, monkeypatch):
+    """The writer runs in the socket's nursery, not the connection's task: its crash is
+    caught at the actor boundary (logged, 1011, leaves its sessions) like the reader's."""
+    from actors import connection as conn_module
+
+    async with world() as w:
+        session = await w.create_session()
+        alice, _, alice_side = await w.client("alice")
+        bob, _, _ = await w.client("bob")
+        await alice.request("join", session=session)
+        await bob.request("join", session=session)
+        real = conn_module.Connection._send_plain
+
+        async def crash_for_alice(self, first):
+            if self.ref.user == "alice":
+                raise RuntimeError("a bug in the writer")
+            await real(self, first)
+
+        monkeypatch.setattr(conn_module.Connection, "_send_plain", crash_for_alice)
+        await alice.send_raw({"type": "ping", "ref": "p"})
+        with trio.fail_after(5):
+            await alice_side.done.wait()
+        assert alice_side.close_codes == [1011]
+        assert await next_left(bob) == "alice"
+        assert (await bob.request("ping"))["type"] == "ok"
+        assert (await w.snapshot())["connections"] == {"bob": 1}

@@ -262,6 +262,7 @@ def test_finish_reasons_merge_and_a_drop_is_never_lost():
     connection = Connection.__new__(Connection)
     connection._finished = None
     connection._scope = trio.CancelScope()
+    connection._writer_scope = None  # no writer running
     connection._finish(1000, "closed by client")
     connection._finish(1000, "send failed", dropped=True)  # the same end, seen by another task
     assert connection._finished.dropped and connection._finished.code == 1000
