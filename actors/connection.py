@@ -242,7 +242,9 @@ class Connection:
             metrics.ERRORS.labels("rate_limited").inc()
             await _close(self.ws, CLOSE_POLICY, "too many connections for this user")
             return
-        if not self.ctx.post_office.open_box(self.ref, on_overrun=self._slow_consumer, take=self._take):
+        if not self.ctx.post_office.open_box(
+            self.ref, on_overrun=self._slow_consumer, take=self._take, alive=self._alive_ms,
+        ):
             if admission is not None:
                 await admission.leave(self.ref.user)
             metrics.ERRORS.labels("rate_limited").inc()
@@ -417,15 +419,25 @@ class Connection:
         self.last_alive = trio.current_time()
         self.report_alive()
 
+    def _alive_ms(self) -> int:
+        """Its last frame or pong in wall ms: what its sessions in this process read (through
+        the post office) when they checkpoint a bill."""
+        return self.ctx.clock.to_wall_ms(self.last_alive)
+
     def report_alive(self) -> None:
-        """The sessions it joined hear its last frame or pong, once per instant."""
+        """Sessions that cannot read its liveness (on another node) hear its last frame or
+        pong, once per instant; a session in this process reads it when it needs it, so an
+        idle connection's pong wakes no session."""
         if self.last_alive == self._reported_alive:
             return
         self._reported_alive = self.last_alive
-        if self.joined:
-            notice = MemberAlive(conn=self.ref, at_ms=self.ctx.clock.to_wall_ms(self.last_alive))
-            for handle in self.joined.values():
-                handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
+        notice = None
+        for handle in self.joined.values():
+            if handle.reads_liveness:
+                continue
+            if notice is None:
+                notice = MemberAlive(conn=self.ref, at_ms=self._alive_ms())
+            handle.send_nowait(notice)  # a full mailbox drops it: billing only gets more careful
 
     def heartbeat_timeout(self) -> None:
         self._finish(CLOSE_POLICY, "heartbeat timeout", dropped=True)

@@ -47,7 +47,7 @@ class Beating(Protocol):
         """Send a WebSocket ping without waiting."""
 
     def report_alive(self) -> None:
-        """Tell the joined sessions `last_alive`, if it moved since the last report."""
+        """Tell the joined sessions that cannot read it (cluster) `last_alive`, if it moved."""
 
     def heartbeat_timeout(self) -> None:
         """Silent for two intervals: close 4008, leaving at `last_alive`."""

@@ -87,3 +87,9 @@ class Delivery(Protocol):
     def deliver(self, conn: ConnectionRef, item: Outgoing) -> None: ...
 
     def reply(self, to: ReplyTo, result: Reply | ParleyError) -> None: ...
+
+    def last_alive(self, conn: ConnectionRef) -> int | None:
+        """The connection's last frame or pong (wall ms), read from the connection itself when
+        it is in this process; None when this delivery cannot see it (it closed, or it is on
+        another node: then its `MemberAlive` notices are what the session knows)."""
+        ...

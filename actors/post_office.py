@@ -40,6 +40,8 @@ class _Box:
     # a connection that keeps its own outbox (actors/connection.py): it takes every item,
     # sync (written at once or queued); False when its outbox is full (then `on_overrun`)
     take: Callable[[Outgoing], bool] | None = None
+    # the connection's last frame or pong in wall ms (its sessions read it for checkpoints)
+    alive: Callable[[], int] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +63,7 @@ class PostOffice:
     def open_box(
         self, conn: ConnectionRef, outbox: trio.MemorySendChannel[Outgoing] | None = None, *,
         on_overrun: Callable[[], None], take: Callable[[Outgoing], bool] | None = None,
+        alive: Callable[[], int] | None = None,
     ) -> bool:
         """Admit a connection (False: its user has too many open) and route to its outbox: a
         bounded channel, or the connection's own `take` (exactly one of the two)."""
@@ -69,7 +72,7 @@ class PostOffice:
         if self._per_user[conn.user] >= self._max_per_user:
             return False
         self._per_user[conn.user] += 1
-        self._boxes[conn.id] = _Box(outbox, on_overrun, take)
+        self._boxes[conn.id] = _Box(outbox, on_overrun, take, alive)
         return True
 
     def close_box(self, conn: ConnectionRef) -> None:
@@ -82,6 +85,10 @@ class PostOffice:
     def is_open(self, conn_id: str) -> bool:
         """The connection is still here (cluster mode: only live connections are joined again)."""
         return conn_id in self._boxes
+
+    def last_alive(self, conn: ConnectionRef) -> int | None:
+        box = self._boxes.get(conn.id)
+        return None if box is None or box.alive is None else box.alive()
 
     def deliver(self, conn: ConnectionRef, item: Outgoing) -> None:
         box = self._boxes.get(conn.id)

@@ -36,6 +36,9 @@ class RemoteDelivery:
             assert conn.node is not None
             self.outbound.deliver_nowait(conn.node, conn.id, item)
 
+    def last_alive(self, conn: ConnectionRef) -> int | None:
+        return self.post_office.last_alive(conn) if self._local(conn.node) else None
+
     def reply(self, to: ReplyTo, result: Reply | ParleyError) -> None:
         match to:
             case ToConnection(conn=conn, ref=ref) if not self._local(conn.node):

@@ -18,6 +18,7 @@ A message for a session that moved is forwarded, at most `MAX_HOPS` times.
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import coredis
 import trio
@@ -49,6 +50,8 @@ class RoutedHandle(SessionHandle):
     """A session's address in the cluster; `send` routes at each call."""
 
     __slots__ = ("_directory",)
+
+    reads_liveness: ClassVar[bool] = False  # the owner may be another node: it hears `MemberAlive`
 
     def __init__(self, session_id: str, directory: ClusterDirectory) -> None:
         super().__init__(session_id, None)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import trio
 
@@ -100,6 +101,10 @@ class SessionHandle:
     """
 
     __slots__ = ("session_id", "_mailbox", "routes")
+
+    # the actor runs in this process: it reads its members' last-alive instants from their
+    # connections (`Delivery.last_alive`), so connections send it no `MemberAlive`
+    reads_liveness: ClassVar[bool] = True
 
     def __init__(self, session_id: str, mailbox: trio.MemorySendChannel[SessionMessage]) -> None:
         self.session_id = session_id

@@ -61,6 +61,9 @@ def _known_alive_ms(s: SessionActor, now_ms: int) -> int:
     for user in (session.payer, session.provider):
         member = s.members.get(user)
         if member is not None:
+            at_ms = s.ctx.delivery.last_alive(member.conn)  # this process: read from the connection
+            if at_ms is not None:  # (else its `MemberAlive` notices are what the session has)
+                member.alive_ms = max(member.alive_ms, min(now_ms, s.to_session_ms(at_ms)))
             cut = min(cut, member.alive_ms)
     return cut
 

@@ -32,7 +32,9 @@ class LeaveSession:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MemberAlive:
-    """A notice from a joined connection: it was known alive at `at_ms` (its last pong)."""
+    """A notice from a joined connection: it was known alive at `at_ms` (its last pong). Sent
+    to sessions held through the cluster; one in this process reads the instant itself
+    (`Delivery.last_alive`) when it checkpoints."""
 
     conn: ConnectionRef
     at_ms: int
