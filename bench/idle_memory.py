@@ -70,7 +70,8 @@ async def client_main(args: argparse.Namespace) -> None:
 
 
 def report(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int, top: int) -> None:
-    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
+              tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
     before, after = before.filter_traces(ignore), after.filter_traces(ignore)
     total = sum(s.size_diff for s in after.compare_to(before, "filename"))
     print(f"\nPython heap growth: {total / n:,.0f} B per connection ({n} connections)\n")

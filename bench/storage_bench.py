@@ -7,8 +7,8 @@ created the way `POST /api/sessions` creates them (`CreateSession` with its `cre
 timeline entry). Then --writers concurrent Trio tasks, each the one sender of one session
 (its payer), insert messages one after another exactly as `chat.send` stores them
 (`write_many([InsertMessage(message)])` with a fresh id made by chat.py's `new_message_id`
-and a fresh client_id, awaiting the reply: the ack point). Every batch bound given is run in turn; each run stops after --seconds or
---inserts, whichever comes first.
+and a fresh client_id, awaiting the reply: the ack point). Every batch bound given is run
+in turn; each run stops after --seconds or --inserts, whichever comes first.
 
 Every answer is checked (the session's next `seq`, not a duplicate), and after each run
 the database is read back: each session holds exactly the messages acked to it, numbered

@@ -7,8 +7,9 @@ in a temporary data dir, so the bench can subscribe to the outbox's commit signa
 stamp the instant each commit that wrote a delivery returned. The receiver is the tests'
 (a Trio HTTP server on 127.0.0.1 verifying with `standardwebhooks`). Sessions are created
 one at a time over REST, each waiting for its `session.created` webhook and for its
-delivery to be recorded, so the first commit after each request is that event's. Prints p50/p90/p99/max of commit → receiver and of
-request sent → receiver (which adds the REST round trip and the commit itself).
+delivery to be recorded, so the first commit after each request is that event's. Prints
+p50/p90/p99/max of commit → receiver and of request sent → receiver (which adds the REST
+round trip and the commit itself).
 """
 
 from __future__ import annotations
