@@ -18,9 +18,11 @@ its own cancel scope, which ending the connection cancels:
   (actors/offline_queue.py);
 - no task of its own for liveness: the process's heartbeat wheel (actors/heartbeat.py)
   pings it when it has been silent for a `heartbeat` interval, closes it (4008) when
-  it has sent neither a frame nor a pong for two, and has it tell the sessions it
-  joined when it was last known alive (billing never checkpoints past that); every
-  pong reports at once. The wheel is also what a graceful shutdown walks (1001).
+  it has sent neither a frame nor a pong for two. Billing never checkpoints past the
+  instant it was last known alive: a session in this process reads that instant from
+  the connection through the post office (`_alive_ms`); sessions held through the
+  cluster hear it as `MemberAlive`, after every pong and at least once an interval.
+  The wheel is also what a graceful shutdown walks (1001).
 
 When it ends, for any reason, it tells every session it joined that its user
 left, with the last instant it was known alive, so billing stops there.

@@ -10,9 +10,10 @@ only when it looks at each connection next, in buckets of `interval / SLOTS` sec
 and one task walks the buckets as they come due. A visit to a connection:
 - silent for two intervals: it times out (`heartbeat_timeout`: close 4008, dropped,
   so it leaves at `last_alive`);
-- otherwise it reports `last_alive` to its sessions if that moved since its last report
-  (a connection with traffic is reported without a ping, and the sessions of a live
-  connection hear at least once an interval, which cluster members rely on);
+- otherwise it reports `last_alive` to the sessions that cannot read it (held through
+  the cluster) if that moved since its last report (a connection with traffic is
+  reported without a ping, and those sessions hear at least once an interval, which
+  cluster members rely on; a session in this process reads it when it checkpoints);
 - silent for one interval and not pinged since: it is pinged. `ping()` never waits
   (the socket writes the frame at once if it can, else leaves it to the task writing
   or to a flush task of its own), so one slow socket never holds up the wheel;

@@ -421,12 +421,12 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         if self._unsent or self._stream_lock.locked():
             self._unsent += PING_FRAME  # whoever holds or next takes the lock writes it
         else:
-            self._write_or_keep(PING_FRAME)
+            self._write_or_keep(PING_FRAME, getattr(self._stream, "socket", None))
 
-    def _write_or_keep(self, data: bytes) -> None:
+    def _write_or_keep(self, data: bytes, sock: trio.socket.SocketType | None) -> None:
         """Nobody holds the lock and nothing waits: one non-blocking write of what the socket
-        takes; the rest waits in `_unsent`, for a flush task of this connection's nursery."""
-        sock = getattr(self._stream, "socket", None)  # a ReplayStream; tests use memory streams
+        (None: tests' memory streams) takes; the rest waits in `_unsent`, for a flush task of
+        this connection's nursery."""
         written = 0
         if sock is not None:
             try:
@@ -633,7 +633,7 @@ class _ServerWebSocket(trio_websocket.WebSocketConnection):
         sock = getattr(self._stream, "socket", None)
         if sock is None or self._wsproto.state != WSState.OPEN:  # (memory streams: the writer sends)
             return False
-        self._write_or_keep(self._wsproto.send(TextMessage(data=message)))
+        self._write_or_keep(self._wsproto.send(TextMessage(data=message)), sock)
         return True
 
     async def send_messages(self, messages: list[str]) -> None:

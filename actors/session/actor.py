@@ -13,13 +13,15 @@ knows beyond that is in storage, so a later join or REST call starts it again.
 
 Mailbox: bounded (`MAILBOX_SIZE`). Connections and the REST app *await* space in
 it (TCP pushes back on a flooding client); notices are sent without waiting:
-a full mailbox drops a `MemberAlive`, which only makes billing more conservative,
-while the process's billing clock (actors/billing_clock.py) retries a billing
-wake-up or a failed-checkpoint report in its next bucket, never dropping one.
-Tick checkpoints are handed to that clock, which writes those of every session
-due together in one group commit; the actor does not wait for them. The actor itself never waits on a connection:
-everything it sends goes through the `Delivery` port, which never blocks. It does
-wait on storage, under the storage handle's deadline.
+a full mailbox drops a `MemberAlive` (cluster only: in one process the actor reads
+its members' last-alive instants through `Delivery.last_alive`), which only makes
+billing more conservative, while the process's billing clock
+(actors/billing_clock.py) retries a billing wake-up or a failed-checkpoint report
+in its next bucket, never dropping one. Tick checkpoints are handed to that clock,
+which writes those of every session due together in one group commit; the actor
+does not wait for them. The actor itself never waits on a connection: everything
+it sends goes through the `Delivery` port, which never blocks. It does wait on
+storage, under the storage handle's deadline.
 
 Time: every instant this session stores comes from `now_ms()`, the process's
 wall clock plus an offset fixed when the actor loads. The offset is what keeps
@@ -359,10 +361,10 @@ class SessionActor:
             return None
 
     def _take_one_nowait(self) -> bool:
-        try:
-            self._taken.append(self.mailbox.receive_nowait())
-        except trio.WouldBlock:
+        message = self._queued_nowait()
+        if message is None:
             return False
+        self._taken.append(message)
         return True
 
     def _idle(self) -> bool:
