@@ -17,6 +17,10 @@ status 1 (and `"fatal"` in the --json result), never a quiet 0.
 
 The floor is SQLite itself: single-row INSERT + COMMIT, FULL, WAL, same disk, same run.
 
+--saturated-batches runs those batch bounds once more beside one task that keeps the Trio loop
+saturated the way a busy server does (always runnable, ~0.1 ms of Python between checkpoints):
+the storage threads then get the GIL only through `storage/gil_turns.py`.
+
     .venv/bin/python bench/storage_bench.py --batches 1,16,64,256,1024 --writers 1024
 """
 
@@ -126,9 +130,18 @@ def verify(path: Path, acked: dict[str, int]) -> None:
             )
 
 
+async def saturate_loop(stop: trio.Event) -> None:
+    """Always runnable: ~0.1 ms of Python between two checkpoints, as a saturated server."""
+    while not stop.is_set():
+        end = time.perf_counter() + 0.0001
+        while time.perf_counter() < end:
+            pass
+        await trio.sleep(0)
+
+
 async def actor_run(directory: Path, batch: int, writers: int, sessions: int, seconds: float,
-                    inserts: int) -> dict:
-    path = directory / f"actor-{batch}.sqlite3"
+                    inserts: int, saturated: bool = False) -> dict:
+    path = directory / f"actor-{batch}{'-saturated' if saturated else ''}.sqlite3"
     actor = StorageActor(SqliteBackend(path, synchronous="FULL"), max_batch=batch)
     latencies: list[float] = []
     count = 0
@@ -137,6 +150,9 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
         storage = await nursery.start(actor.run)
         records = await create_sessions(storage, sessions)
         acked = {r.id: 0 for r in records}
+        stop_saturating = trio.Event()
+        if saturated:
+            nursery.start_soon(saturate_loop, stop_saturating)
         base = storage.statistics()
         stop_at = trio.current_time() + seconds
         t0 = time.perf_counter()
@@ -174,13 +190,14 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
                 writers_nursery.start_soon(writer, w)
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        stop_saturating.set()
         stats = storage.statistics()
         await storage.aclose()
     if failures:
         raise BenchFailed(f"batch bound {batch}: {len(failures)} failed writes, first: {failures[0]}")
     verify(path, acked)
     batches = stats.batches - base.batches
-    return {"batch_bound": batch, "writers": writers, "sessions": sessions, "inserts": count, "errors": 0,
+    return {"batch_bound": batch, "saturated": saturated, "gil_turns": actor.gil_turns.turns, "writers": writers, "sessions": sessions, "inserts": count, "errors": 0,
             "seconds": round(elapsed, 2), "inserts_per_s": round(count / elapsed, 1),
             "cpu_us_per_insert": round(1e6 * cpu / max(1, count), 1),
             "latency_ms": percentiles(latencies), "batches": batches,
@@ -191,6 +208,8 @@ async def actor_run(directory: Path, batch: int, writers: int, sessions: int, se
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,64,256,1024", help="batch bounds to try, comma-separated")
+    ap.add_argument("--saturated-batches", default="",
+                    help="batch bounds to run again beside a saturated Trio loop, comma-separated")
     ap.add_argument("--writers", type=int, default=1024, help="concurrent inserting tasks")
     ap.add_argument("--sessions", type=int, default=0,
                     help="sessions the writers share, round robin (default: one per writer)")
@@ -223,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         result["floor"] = floor
         print(f"sqlite single-row FULL commits: {floor['commits_per_s']}/s", flush=True)
         runs: list[dict] = result.setdefault("runs", [])
-        for batch in [int(b) for b in args.batches.split(",") if b]:
+        plan = [(int(b), False) for b in args.batches.split(",") if b]
+        plan += [(int(b), True) for b in args.saturated_batches.split(",") if b]
+        for batch, saturated in plan:
             try:
-                run = trio.run(actor_run, directory, batch, args.writers, sessions, args.seconds, args.inserts)
+                run = trio.run(actor_run, directory, batch, args.writers, sessions, args.seconds, args.inserts,
+                               saturated)
             except BenchFailed as exc:
                 result["fatal"] = str(exc)
                 print(f"FAILED: {exc}", file=sys.stderr, flush=True)
@@ -233,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             runs.append(run)
             lat = run["latency_ms"]
-            print(f"batch<={batch:5d}: {run['inserts_per_s']:9.0f} inserts/s  mean batch {run['mean_batch']:7.1f}"
+            print(f"batch<={batch:5d}{' (loop saturated)' if saturated else ''}: {run['inserts_per_s']:9.0f}"
+                  f" inserts/s  mean batch {run['mean_batch']:7.1f}"
                   f"  cpu {run['cpu_us_per_insert']:6.1f} us/insert"
                   f"  latency p50 {lat.get('p50')} ms p99 {lat.get('p99')} ms  errors {run['errors']}", flush=True)
     if args.json:

@@ -20,6 +20,10 @@ caller once, when the last request of its call is answered.
 Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
 
+While a worker thread has work and the loop is saturated, the loop gives it turns at the
+GIL (`gil_turns.py`): without them a busy loop starves the threads, and a write beside a
+relay flood took seconds.
+
 The backend (`sqlite_backend.py`, `postgres_backend.py`) raises only domain
 errors. When the database fails (locked, read-only, disk full, I/O error, the
 server gone) it raises `StorageUnavailable`: the whole batch is rolled back and
@@ -43,6 +47,7 @@ from domain import metrics
 from domain.errors import Internal, ParleyError, StorageUnavailable
 
 from . import messages as m
+from .gil_turns import GilTurns
 
 log = logging.getLogger("parley.storage")
 
@@ -296,6 +301,7 @@ class StorageActor:
         self._failed_batches = 0
         self._receive: trio.MemoryReceiveChannel[_Pending] | None = None
         self.deadlines = _Deadlines()
+        self.gil_turns = GilTurns()  # the worker threads' turns at the GIL while the loop is busy
 
     def statistics(self) -> StorageStatistics:
         queued = self._receive.statistics().current_buffer_used if self._receive else 0
@@ -311,13 +317,17 @@ class StorageActor:
     async def run(self, *, task_status: trio.TaskStatus[StorageHandle] = trio.TASK_STATUS_IGNORED) -> None:
         send, receive = trio.open_memory_channel[_Pending](WRITE_QUEUE)
         self._receive = receive
-        self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
-        if self.inline:
-            self._reader = self._writer
-        else:
-            self._reader = await trio.to_thread.run_sync(
-                lambda: self.backend.connect(writer=False), limiter=self._read_limiter
-            )
+        if not self.inline:
+            self.gil_turns.install()
+        try:
+            self._writer = await self._in_writer_thread(self.backend.connect, writer=True)
+            if self.inline:
+                self._reader = self._writer
+            else:
+                self._reader = await self._in_reader_thread(lambda: self.backend.connect(writer=False))
+        except BaseException:
+            self.gil_turns.uninstall()
+            raise
         task_status.started(StorageHandle(self, send))
         try:
             async with trio.open_nursery() as nursery:
@@ -327,16 +337,24 @@ class StorageActor:
                 nursery.cancel_scope.cancel()
         finally:
             self.deadlines.fail_all()
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await self._in_writer_thread(self._close_connections)
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self._in_writer_thread(self._close_connections)
+            finally:
+                self.gil_turns.uninstall()
 
     async def _in_writer_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.inline:
             await trio.lowlevel.checkpoint()
             return fn(*args, **kwargs)
-        return await trio.to_thread.run_sync(
-            lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
-        )
+        with self.gil_turns.running():
+            return await trio.to_thread.run_sync(
+                lambda: fn(*args, **kwargs), limiter=self._write_limiter, abandon_on_cancel=False
+            )
+
+    async def _in_reader_thread(self, fn: Callable[[], Any]) -> Any:
+        with self.gil_turns.running():
+            return await trio.to_thread.run_sync(fn, limiter=self._read_limiter)
 
     async def _write_loop(self, receive: trio.MemoryReceiveChannel[_Pending]) -> None:
         async for first in receive:
@@ -480,4 +498,4 @@ class StorageActor:
         if self.inline:
             await trio.lowlevel.checkpoint()
             return run()
-        return await trio.to_thread.run_sync(run, limiter=self._read_limiter)
+        return await self._in_reader_thread(run)

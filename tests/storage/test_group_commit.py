@@ -146,3 +146,39 @@ def test_a_chat_insert_reports_no_webhook_event():
 
     request = chat("a", "a1")
     assert SqliteBackend(":memory:")._events_of(None, request, (request.message, False)) == []
+
+
+BODIES = [
+    "plain", "quote \" and backslash \\ and a slash /", "line\nbreak\ttab\r", "emoji 😀 and \u2028 \u2029",
+    "a literal \\u0000 is six characters", "ünïcödé " * 50, "x" * 4000, "",
+]
+
+
+async def test_a_grouped_run_stores_every_body_exactly_as_sent(store: Store):
+    """SQLite sends a run as one statement over a JSON array: what it stores must be exactly what
+    was sent, and a body JSON cannot carry through SQLite (an embedded NUL, which SQLite's JSON
+    functions cut off) is stored exactly too, by the run's other way. (PostgreSQL refuses NUL in
+    text: `test_values_the_database_cannot_store_are_bad_requests`.)"""
+    backend = Counting(store.backend())
+    with trio.fail_after(20):
+        async with open_storage(backend) as (_, storage):
+            await storage.write(new_session("a"))
+            await storage.write(new_session("b"))
+            backend.reset()
+            batch = [chat("a", f"a{n}") for n in range(len(BODIES))]
+            batch = [dataclasses.replace(r, message=dataclasses.replace(r.message, body=body))
+                     for r, body in zip(batch, BODIES)]
+            nul = [dataclasses.replace(chat("b", f"b{n}"), message=dataclasses.replace(
+                chat("b", f"b{n}").message, body=body)) for n, body in enumerate(["before\x00after", "\x00"])]
+            if store.kind != "sqlite":
+                nul = [chat("b", "b0"), chat("b", "b1")]
+            answers = [r.unwrap() for r in await storage.write_many(batch)]
+            answers += [r.unwrap() for r in await storage.write_many(nul)]
+            history = await storage.read(sm.GetMessages(session_id="a", limit=100))
+            history += await storage.read(sm.GetMessages(session_id="b", limit=100))
+    assert backend.runs == [len(BODIES), 2] and backend.savepoints == 0
+    sent = [r.message.body for r in batch + nul]
+    assert [m.body for m, _ in answers] == sent
+    assert [m.body for m in history] == sent
+    assert [m.seq for m in history] == [*range(1, len(BODIES) + 1), 1, 2]
+    assert store.query("SELECT body FROM messages ORDER BY session_id, seq") == [(body,) for body in sent]
