@@ -91,9 +91,10 @@ class RedisOwnership:
             raise Fenced("this node's lease has lapsed; try again")
         status, other = await self.claim_in_redis(session_id)
         if status == "mine":
-            other = self._took_from.pop(session_id, other)
+            other = self._took_from.get(session_id, other)
             status = "claimed" if other != self.node else status
         if status == "taken":
+            self._took_from.pop(session_id, None)
             self.claims.pop(session_id, None)
             metrics.OWNED.set(len(self.claims))
             self.on_owner(session_id, other)
@@ -103,6 +104,7 @@ class RedisOwnership:
         try:
             epoch = await self.storage.write(sm.ClaimSession(session_id=session_id, node=self.node))
         except NotFound:
+            self._took_from.pop(session_id, None)
             await self.redis.eval(_RELEASE, keys=[owner_key(session_id)], args=[self.node])
             raise
         self.claims[session_id] = epoch
@@ -115,6 +117,9 @@ class RedisOwnership:
                 session_id=session_id, at=self.clock.now_ms(), kind=TAKEN_OVER, actor="server",
                 detail={"from": other, "to": self.node, "epoch": epoch},
             ),), epoch=epoch))
+        # Forgotten only now: a claim whose epoch bump or takeover entry failed is retried
+        # (the next message, the sweeper) and must still record whom it took the session from.
+        self._took_from.pop(session_id, None)
         return epoch
 
     def stopped(self, session_id: str, epoch: int, *, fenced: bool, finished: bool) -> None:

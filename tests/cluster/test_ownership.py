@@ -15,11 +15,12 @@ from actors.clock import WallClock
 from actors.cluster.errors import ClusterRefused
 from actors.cluster.lease import NodeLease
 from actors.cluster.ownership import RedisOwnership, owner_key
-from domain.errors import Fenced
+from domain.errors import Fenced, StorageUnavailable
+from domain.timeline import TAKEN_OVER
 from storage import messages as sm
 from storage.postgres_backend import PostgresBackend
 from tests.conftest import start_server, test_settings
-from tests.storage.test_storage import chat, new_session, open_storage
+from tests.storage.test_storage import Wrapped, chat, new_session, open_storage
 
 ROUNDS = 40
 
@@ -62,6 +63,43 @@ async def test_two_nodes_racing_to_claim_one_session(redis_server, postgres_url)
                     await storage.write(dataclasses.replace(chat(sid, f"new{round_}"), epoch=last_epoch))
                 messages = await storage.read(sm.GetMessages(session_id=sid, limit=200))
                 assert [m.seq for m in messages] == list(range(1, ROUNDS + 1))
+
+
+class FailsOnce(Wrapped):
+    """Fails the first write of one request type as a database going away would."""
+
+    def __init__(self, inner: PostgresBackend, kind: type) -> None:
+        super().__init__(inner)
+        self.kind = kind
+        self.failed = False
+
+    def write(self, conn: object, request: object) -> object:
+        if type(request) is self.kind and not self.failed:
+            self.failed = True
+            raise StorageUnavailable("storage unavailable: the database went away")
+        return self.inner.write(conn, request)
+
+
+@pytest.mark.parametrize("failing", [sm.ClaimSession, sm.AppendTimeline], ids=["epoch bump", "takeover entry"])
+async def test_a_takeover_whose_first_claim_fails_is_still_recorded(redis_server, postgres_url, failing):
+    """The sweeper claims a dead node's session in Redis, the session's actor then claims the
+    epoch; when that fails once, the retry must still record whom the session was taken from."""
+    with trio.fail_after(30):
+        async with open_storage(FailsOnce(PostgresBackend(postgres_url), failing)) as (_, storage):
+            sid = uuid.uuid4().hex
+            await storage.write(new_session(sid))
+            async with coredis.Redis.from_url(redis_server.url) as redis:
+                lease = NodeLease(redis, "t1", ttl=10)
+                await lease.acquire()
+                await redis.set(owner_key(sid), "dead-node")  # a node whose lease is gone
+                node = RedisOwnership(redis, lease, storage, WallClock())
+                assert (await node.claim_in_redis(sid))[0] == "claimed"  # as the sweeper does
+                with pytest.raises(StorageUnavailable):
+                    await node.claim(sid)
+                epoch = await node.claim(sid)
+            timeline = await storage.read(sm.GetTimeline(session_id=sid))
+    taken = [(e.detail["from"], e.detail["to"], e.detail["epoch"]) for e in timeline if e.kind == TAKEN_OVER]
+    assert taken == [("dead-node", "t1", epoch)]
 
 
 async def test_a_node_refuses_to_start_without_the_clusters_secret(nursery, tmp_path, cluster_env):
