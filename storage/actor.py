@@ -21,8 +21,9 @@ Reads run on a second connection in their own thread, so they go on while a
 long batch is being written (WAL on SQLite, MVCC on PostgreSQL).
 
 While a worker thread has work and the loop is saturated, the loop gives it turns at the
-GIL (`gil_turns.py`): without them a busy loop starves the threads, and a write beside a
-relay flood took seconds.
+GIL (`gil_turns.py`): without them a busy loop starves the threads, and a write took
+seconds. While turns are being given, each statement costs the thread a wait for one, so
+chat runs are then sent in as few statements as the driver can (`few_statements`).
 
 The backend (`sqlite_backend.py`, `postgres_backend.py`) raises only domain
 errors. When the database fails (locked, read-only, disk full, I/O error, the
@@ -74,8 +75,12 @@ class Backend(Protocol):
     def rollback_to(self, conn: Any) -> None: ...
     def release(self, conn: Any) -> None: ...
     def write(self, conn: Any, request: m.WriteRequest) -> Any: ...
-    def insert_messages(self, conn: Any, requests: Sequence[m.InsertMessage]) -> list[Any]:
-        """`write` of each, in order; raises a `ParleyError` unless it answered all of them."""
+    def insert_messages(
+        self, conn: Any, requests: Sequence[m.InsertMessage], *, few_statements: bool = False
+    ) -> list[Any]:
+        """`write` of each, in order; raises a `ParleyError` unless it answered all of them.
+        `few_statements`: the loop is saturated, so send the run in as few statements as the
+        driver can (each statement costs the thread a wait for the GIL), even if slower alone."""
         ...
     def read(self, conn: Any, request: m.ReadRequest) -> Any: ...
 
@@ -364,14 +369,16 @@ class StorageActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            results = await self._in_writer_thread(self._apply_batch, [p.request for p in batch])
+            results = await self._in_writer_thread(
+                self._apply_batch, [p.request for p in batch], self.gil_turns.contended()
+            )
             metrics.STORAGE_BATCH.observe(len(batch))
             for pending, result in zip(batch, results):
                 pending.result = result
                 pending.call.answered()  # wakes its task once its call is answered; not one that gave up
             self.deadlines.forget_answered()
 
-    def _apply_batch(self, requests: list[m.WriteRequest]) -> list[Any]:
+    def _apply_batch(self, requests: list[m.WriteRequest], few_statements: bool = False) -> list[Any]:
         """Runs in the writer thread: one transaction for the whole batch.
 
         Most batches are refused nothing, so they run without savepoints, their chat inserts
@@ -389,7 +396,7 @@ class StorageActor:
             conn = self._writer
             backend.begin(conn)
             try:
-                results = self._apply_grouped(conn, requests)
+                results = self._apply_grouped(conn, requests, few_statements)
             except StorageUnavailable:
                 raise
             except ParleyError:
@@ -413,7 +420,7 @@ class StorageActor:
         self._largest_batch = max(self._largest_batch, len(requests))
         return results
 
-    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest]) -> list[Any]:
+    def _apply_grouped(self, conn: Any, requests: list[m.WriteRequest], few_statements: bool) -> list[Any]:
         backend = self.backend
         results: list[Any] = []
         i, n = 0, len(requests)
@@ -422,7 +429,8 @@ class StorageActor:
                 j = i + 1
                 while j < n and type(requests[j]) is m.InsertMessage:
                     j += 1
-                results.extend(backend.insert_messages(conn, requests[i:j]))  # type: ignore[arg-type]
+                results.extend(backend.insert_messages(
+                    conn, requests[i:j], few_statements=few_statements))  # type: ignore[arg-type]
                 i = j
             else:
                 results.append(backend.write(conn, requests[i]))

@@ -15,7 +15,8 @@ storage batch (a few takes) took about a second. Under a relay flood, durable ch
 sleeps `HANDOFF` seconds at most once every `PERIOD`, with the GIL released, so a waiting
 thread takes it. That costs the loop at most HANDOFF / PERIOD of its time (2 %), only while
 it is saturated and a storage thread is working; a loop that blocks in `epoll_wait` gives
-the GIL away by itself and is never delayed.
+the GIL away by itself and is never delayed. While turns are being given (`contended()`),
+the storage actor asks the database driver for as few statements per batch as it can.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import trio
 
 PERIOD = 0.001  # seconds between two turns, at least
 HANDOFF = 0.00002  # seconds the loop sleeps for a turn: covers a waiting thread's wake-up
+WINDOW = 0.1  # seconds over which `contended()` counts turns
+CONTENDED_TURNS = 20  # turns in a window (at most WINDOW / PERIOD = 100) that mean saturated
 
 
 class GilTurns(trio.abc.Instrument):
@@ -42,6 +45,9 @@ class GilTurns(trio.abc.Instrument):
         self.turns = 0  # turns given so far (for tests and statistics)
         self._jobs = 0
         self._last = 0.0
+        self._window_start = 0.0
+        self._window_turns = 0
+        self._last_window_turns = 0
         self._installed = False
 
     def install(self) -> None:
@@ -65,6 +71,20 @@ class GilTurns(trio.abc.Instrument):
         finally:
             self._jobs -= 1
 
+    def contended(self) -> bool:
+        """The loop has been saturated while the storage threads worked: at least a fifth of the
+        turns it could give in a `WINDOW` were given, in this one or the last (a loop with some
+        task runnable now and then gives a few; one that never blocks gives one each `PERIOD`)."""
+        self._roll(time.perf_counter())
+        return max(self._window_turns, self._last_window_turns) >= CONTENDED_TURNS
+
+    def _roll(self, now: float) -> None:
+        if now - self._window_start >= WINDOW:
+            recent = now - self._window_start < 2 * WINDOW
+            self._last_window_turns = self._window_turns if recent else 0
+            self._window_turns = 0
+            self._window_start = now
+
     def before_io_wait(self, timeout: float) -> None:
         if timeout or not self._jobs:
             return  # the loop will block (and release the GIL), or no thread is waiting for it
@@ -73,3 +93,5 @@ class GilTurns(trio.abc.Instrument):
             time.sleep(self.handoff)  # releases the GIL; a thread waiting for it takes it
             self._last = time.perf_counter()
             self.turns += 1
+            self._roll(now)
+            self._window_turns += 1

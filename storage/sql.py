@@ -203,7 +203,7 @@ class SqlBackend(WebhookSql):
 
     @_mapped
     def insert_messages(
-        self, conn: Connection, requests: Sequence[m.InsertMessage]
+        self, conn: Connection, requests: Sequence[m.InsertMessage], *, few_statements: bool = False
     ) -> list[tuple[ChatMessage, bool]]:
         """A run of chat inserts, answered as `write` answers each of them in turn, in a few
         statements whatever its length: one executemany bumping each session's `last_seq` once
@@ -237,11 +237,11 @@ class SqlBackend(WebhookSql):
         ordered = sorted(plan)
         plain = [(plan[sid][0], sid) for sid in ordered if plan[sid][1] is None]
         fenced = [(plan[sid][0], sid, plan[sid][1]) for sid in ordered if plan[sid][1] is not None]
-        if plain and self._bump_last_seqs(conn, plain, fenced=False) != len(plain):
+        if plain and self._bump_last_seqs(conn, plain, fenced=False, few=few_statements) != len(plain):
             raise Regroup("a session of this run is unknown")
-        if fenced and self._bump_last_seqs(conn, fenced, fenced=True) != len(fenced):
+        if fenced and self._bump_last_seqs(conn, fenced, fenced=True, few=few_statements) != len(fenced):
             raise Regroup("a session of this run has a newer owner")
-        for session_id, last_seq in self._last_seqs(conn, ordered):
+        for session_id, last_seq in self._last_seqs(conn, ordered, few=few_statements):
             entry = plan[session_id]
             entry[2] = last_seq - entry[0] + 1
         rows: list[tuple[Any, ...]] = []
@@ -259,27 +259,28 @@ class SqlBackend(WebhookSql):
             rows.append((message.id, message.session_id, seq, message.client_id, message.sender, message.body,
                          message.created_at))
             results.append((message if message.seq == seq else dataclasses.replace(message, seq=seq), False))
-        if self._insert_message_rows(conn, rows) != len(rows):
+        if self._insert_message_rows(conn, rows, few=few_statements) != len(rows):
             raise Regroup("a message of this run is already stored")
         # Webhooks: a chat insert reports no event (`WebhookSql._events_of`; pinned by
         # tests/storage/test_group_commit.py), so no `_outbox` per message. An insert that did
         # report one would be written here, in the run's transaction, as `write` does.
         return results
 
-    # A run's three statements. Here each is an executemany (or a few `IN (…)` reads); a driver
-    # may send each as fewer statements (`sqlite_backend.py` sends one per step, over a JSON array).
+    # A run's three statements. Here each is an executemany (or a few `IN (…)` reads); with
+    # `few=True` a driver may send each as one statement (`sqlite_backend.py`: over a JSON array).
 
-    def _bump_last_seqs(self, conn: Connection, rows: list[tuple[Any, ...]], *, fenced: bool) -> int:
+    def _bump_last_seqs(self, conn: Connection, rows: list[tuple[Any, ...]], *, fenced: bool,
+                        few: bool = False) -> int:
         """Add each `(count, session id[, epoch])` to that session's `last_seq` (with `epoch`:
         only while it still owns the session). Returns how many sessions were bumped."""
         return self._executemany(conn, BUMP_FENCED_LAST_SEQ if fenced else BUMP_LAST_SEQ, rows)
 
-    def _insert_message_rows(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
+    def _insert_message_rows(self, conn: Connection, rows: list[tuple[Any, ...]], *, few: bool = False) -> int:
         """Store each `(id, session_id, seq, client_id, sender, body, created_at)` row unless its
         client id is already stored. Returns how many were stored."""
         return self._executemany(conn, INSERT_MESSAGE, rows)
 
-    def _last_seqs(self, conn: Connection, session_ids: list[str]) -> list[Row]:
+    def _last_seqs(self, conn: Connection, session_ids: list[str], *, few: bool = False) -> list[Row]:
         """`(id, last_seq)` of each of these sessions, in any order."""
         rows: list[Row] = []
         start = 0

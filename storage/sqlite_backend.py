@@ -14,12 +14,13 @@ pages rewritten between two checkpoints are copied once. Durability is the same
 (`synchronous=FULL` fsyncs the WAL at every commit); the WAL grows to about
 `WAL_AUTOCHECKPOINT` × 4 KiB between checkpoints.
 
-A run of chat inserts is sent as three statements over JSON arrays (`json_each`), not as
-executemany. Python's `sqlite3` releases the GIL around every `sqlite3_step` and takes it
-back after: an executemany of n rows takes the GIL n times, and while the Trio thread is
-busy each take waits up to the interpreter's switch interval (5 ms). Under load that made a
-batch of 1,000 inserts wait seconds for the GIL. One statement is one step: the writer takes
-the GIL back a few times per batch, and SQLite's own work overlaps the Trio thread's.
+While the Trio loop is saturated (`few_statements`, see `gil_turns.py`), a run of chat
+inserts is sent as three statements over JSON arrays (`json_each`) instead of executemany.
+Python's `sqlite3` releases the GIL around every `sqlite3_step` and takes it back after: an
+executemany of n rows takes the GIL n times, and beside a saturated loop each take waits for
+a turn. One statement is one step, so the writer takes the GIL a few times per batch.
+SQLite's JSON parsing makes that form about 10–20 % slower when nothing waits for the GIL,
+so it is used only while turns are being given.
 """
 
 from __future__ import annotations
@@ -140,20 +141,21 @@ class SqliteBackend(SqlBackend):
     def _in_transaction(self, conn: sqlite3.Connection) -> bool:
         return conn.in_transaction
 
-    def _bump_last_seqs(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, fenced: bool) -> int:
-        text = _json_array(rows) if JSON_RUNS else None
+    def _bump_last_seqs(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, fenced: bool,
+                        few: bool = False) -> int:
+        text = _json_array(rows) if few and JSON_RUNS else None
         if text is None:
             return super()._bump_last_seqs(conn, rows, fenced=fenced)
         return conn.execute(BUMP_FENCED_FROM_JSON if fenced else BUMP_FROM_JSON, (text,)).rowcount
 
-    def _last_seqs(self, conn: sqlite3.Connection, session_ids: list[str]) -> list[Any]:
-        text = _json_array(session_ids) if JSON_RUNS else None
+    def _last_seqs(self, conn: sqlite3.Connection, session_ids: list[str], *, few: bool = False) -> list[Any]:
+        text = _json_array(session_ids) if few and JSON_RUNS else None
         if text is None:
             return super()._last_seqs(conn, session_ids)
         return orjson.loads(conn.execute(LAST_SEQS_AS_JSON, (text,)).fetchone()[0])  # type: ignore[no-any-return]
 
-    def _insert_message_rows(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
-        text = _json_array(rows) if JSON_RUNS else None
+    def _insert_message_rows(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], *, few: bool = False) -> int:
+        text = _json_array(rows) if few and JSON_RUNS else None
         if text is None:
             return super()._insert_message_rows(conn, rows)
         return conn.execute(INSERT_FROM_JSON, (text,)).rowcount

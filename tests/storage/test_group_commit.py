@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import outcome
+import pytest
 import trio
 
 from domain.errors import Fenced, NotFound
@@ -24,12 +25,15 @@ class Counting(Wrapped):
     def __init__(self, inner: Any) -> None:
         super().__init__(inner)
         self.runs: list[int] = []
+        self.few_statements: list[bool] = []  # as the actor asked for each run
+        self.force_few = False  # send every run in few statements, as beside a saturated loop
         self.writes: list[str] = []
         self.savepoints = 0
 
-    def insert_messages(self, conn: Any, requests: Any) -> Any:
+    def insert_messages(self, conn: Any, requests: Any, *, few_statements: bool = False) -> Any:
         self.runs.append(len(requests))
-        return self.inner.insert_messages(conn, requests)
+        self.few_statements.append(few_statements)
+        return self.inner.insert_messages(conn, requests, few_statements=self.force_few or few_statements)
 
     def write(self, conn: Any, request: Any) -> Any:
         self.writes.append(type(request).__name__)
@@ -41,6 +45,7 @@ class Counting(Wrapped):
 
     def reset(self) -> None:
         self.runs.clear()
+        self.few_statements.clear()
         self.writes.clear()
         self.savepoints = 0
 
@@ -154,12 +159,14 @@ BODIES = [
 ]
 
 
-async def test_a_grouped_run_stores_every_body_exactly_as_sent(store: Store):
-    """SQLite sends a run as one statement over a JSON array: what it stores must be exactly what
-    was sent, and a body JSON cannot carry through SQLite (an embedded NUL, which SQLite's JSON
-    functions cut off) is stored exactly too, by the run's other way. (PostgreSQL refuses NUL in
-    text: `test_values_the_database_cannot_store_are_bad_requests`.)"""
+@pytest.mark.parametrize("few", [False, True], ids=["executemany", "few statements"])
+async def test_a_grouped_run_stores_every_body_exactly_as_sent(store: Store, few: bool):
+    """Beside a saturated loop SQLite sends a run as one statement over a JSON array: what it
+    stores must be exactly what was sent either way, and a body JSON cannot carry through SQLite
+    (an embedded NUL, which SQLite's JSON functions cut off) is stored exactly too, by the run's
+    other way. (PostgreSQL refuses NUL in text: `test_values_the_database_cannot_store_are_bad_requests`.)"""
     backend = Counting(store.backend())
+    backend.force_few = few
     with trio.fail_after(20):
         async with open_storage(backend) as (_, storage):
             await storage.write(new_session("a"))
@@ -177,6 +184,7 @@ async def test_a_grouped_run_stores_every_body_exactly_as_sent(store: Store):
             history = await storage.read(sm.GetMessages(session_id="a", limit=100))
             history += await storage.read(sm.GetMessages(session_id="b", limit=100))
     assert backend.runs == [len(BODIES), 2] and backend.savepoints == 0
+    assert backend.few_statements == [False, False]  # nothing saturates this loop
     sent = [r.message.body for r in batch + nul]
     assert [m.body for m, _ in answers] == sent
     assert [m.body for m in history] == sent
