@@ -7,8 +7,9 @@ wins the race for it, or when the waiter has waited a whole switch interval (5 m
 release at all. A busy Trio loop releases the GIL many times a millisecond (every
 `epoll_wait(0)` between batches of tasks, every socket call) and takes it back at once, so
 the waiting thread keeps being woken, keeps losing, and never asks for a switch: measured
-here, a worker thread got the GIL about 6 times a second beside a saturated loop, and a
-storage batch (a few takes) took about a second. Under a relay flood, durable chat stopped.
+here, a worker thread got the GIL about 6 times a second beside a loop that never blocks,
+and a storage batch (a few takes) took about a second. (A loop that blocks now and then,
+as under closed-loop clients, hands the GIL over when it blocks: `bench/README.md`, pass 4.)
 
 `GilTurns` is a Trio instrument that closes that gap: while a storage thread has work
 (`running()`) and the loop is about to poll without blocking (it has runnable tasks), it
