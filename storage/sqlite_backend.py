@@ -62,7 +62,9 @@ INSERT_FROM_JSON = (
 def _json_array(rows: Sequence[Any]) -> str | None:
     """`rows` as one JSON text for `json_each`, or None when SQLite would not read it back
     exactly: its JSON functions end a string at an escaped NUL (`\\u0000`), which a bound
-    parameter keeps (orjson also refuses what no JSON can hold, such as a lone surrogate)."""
+    parameter keeps (orjson also refuses what no JSON can hold, such as a lone surrogate).
+    The test is by substring, so a text holding a literal backslash-u0000 goes the other way
+    too: slower, never wrong."""
     try:
         text = orjson.dumps(rows)
     except orjson.JSONEncodeError:

@@ -155,8 +155,11 @@ def test_a_chat_insert_reports_no_webhook_event():
 
 BODIES = [
     "plain", "quote \" and backslash \\ and a slash /", "line\nbreak\ttab\r", "emoji 😀 and \u2028 \u2029",
-    "a literal \\u0000 is six characters", "ünïcödé " * 50, "x" * 4000, "",
+    "ünïcödé " * 50, "x" * 4000, "",
 ]
+# SQLite cannot take these over JSON: they go the run's other way (a literal `\u0000` only looks
+# like an escaped NUL in the JSON text, and is sent the other way too)
+NUL_BODIES = ["before\x00after", "\x00", "a literal \\u0000 is six characters"]
 
 
 @pytest.mark.parametrize("few", [False, True], ids=["executemany", "few statements"])
@@ -176,17 +179,17 @@ async def test_a_grouped_run_stores_every_body_exactly_as_sent(store: Store, few
             batch = [dataclasses.replace(r, message=dataclasses.replace(r.message, body=body))
                      for r, body in zip(batch, BODIES)]
             nul = [dataclasses.replace(chat("b", f"b{n}"), message=dataclasses.replace(
-                chat("b", f"b{n}").message, body=body)) for n, body in enumerate(["before\x00after", "\x00"])]
+                chat("b", f"b{n}").message, body=body)) for n, body in enumerate(NUL_BODIES)]
             if store.kind != "sqlite":
-                nul = [chat("b", "b0"), chat("b", "b1")]
+                nul = [chat("b", "b0"), chat("b", "b1"), chat("b", "b2")]
             answers = [r.unwrap() for r in await storage.write_many(batch)]
             answers += [r.unwrap() for r in await storage.write_many(nul)]
             history = await storage.read(sm.GetMessages(session_id="a", limit=100))
             history += await storage.read(sm.GetMessages(session_id="b", limit=100))
-    assert backend.runs == [len(BODIES), 2] and backend.savepoints == 0
+    assert backend.runs == [len(BODIES), len(NUL_BODIES)] and backend.savepoints == 0
     assert backend.few_statements == [False, False]  # nothing saturates this loop
     sent = [r.message.body for r in batch + nul]
     assert [m.body for m, _ in answers] == sent
     assert [m.body for m in history] == sent
-    assert [m.seq for m in history] == [*range(1, len(BODIES) + 1), 1, 2]
+    assert [m.seq for m in history] == [*range(1, len(BODIES) + 1), *range(1, len(NUL_BODIES) + 1)]
     assert store.query("SELECT body FROM messages ORDER BY session_id, seq") == [(body,) for body in sent]
